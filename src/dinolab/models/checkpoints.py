@@ -79,7 +79,7 @@ def download_weights(url: str, dest: Path, sha256: str | None = None, progress: 
     h = hashlib.sha256()
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
     try:
-        with urllib.request.urlopen(url, timeout=60) as r, os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as r:  # fd closed on any error
             total = int(r.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress) as bar:
                 while block := r.read(1 << 20):
@@ -151,7 +151,13 @@ def read_state_dict(path: str | Path) -> StateDict:
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # pickles with code, truncated zips ...
             raise DinolabError(f"cannot read {path} as a tensors-only checkpoint: {e}".splitlines()[0]) from None
-    return to_official(_unwrap(sd))
+    if not isinstance(sd, dict):
+        raise DinolabError(f"{path} holds a {type(sd).__name__}, not a state dict of tensors")
+    try:
+        return to_official(_unwrap(sd))
+    except (ValueError, KeyError) as e:  # unknown layout, or a layout missing a key it needs
+        detail = f"missing key {e}" if isinstance(e, KeyError) else str(e)
+        raise DinolabError(f"{path} is not a DINOv2 backbone checkpoint: {detail}".splitlines()[0]) from None
 
 
 def _unwrap(sd: dict[str, Any]) -> StateDict:
