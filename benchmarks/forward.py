@@ -161,8 +161,8 @@ def run_size(size: str, args) -> list[dict]:
             except Exception as e:  # a peer that fails to compile is reported, not fatal
                 print(f"{name} {runner} {mode}: FAILED {type(e).__name__}: {e}".splitlines()[0], flush=True)
                 continue
-            row = dict(model=name, runner=runner, mode=mode, img_s=args.batch / sec, ms=sec * 1e3,
-                       peak_mib=peak / 2**20, max_abs_diff_cls=diff, min_cos_cls=cos, setup_s=time.perf_counter() - t_start)
+            row = {"model": name, "runner": runner, "mode": mode, "img_s": args.batch / sec, "ms": sec * 1e3,
+                       "peak_mib": peak / 2**20, "max_abs_diff_cls": diff, "min_cos_cls": cos, "setup_s": time.perf_counter() - t_start}
             rows.append(row)
             print(f"{name:14s} {runner:10s} {mode:8s} {row['img_s']:10.1f} img/s  {row['peak_mib']:9.0f} MiB  "
                   f"diff {diff:.2e} cos {cos:.5f}  ({row['setup_s']:.0f}s)", flush=True)
@@ -210,7 +210,7 @@ def main() -> None:
     for size in args.models.split(","):
         rows += run_size(size, args)
         add_ratios(rows)
-        out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))  # partial results survive a kill
+        out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))  # partial results survive a kill
     for r in rows:
         ratio = f"{r['vs_fastest_peer']:.2f}x" if r["vs_fastest_peer"] else "-"
         print(f"| {r['model']} | {r['runner']} | {r['mode']} | {r['img_s']:.0f} | {ratio} | {r['peak_mib']:.0f} |"

@@ -9,11 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-import dinolab.eval.features as features_mod
+import dinolab.curate.embed as features_mod
+from dinolab.curate.embed import embed, load_embeddings
 from dinolab.data.images import list_images_with_ids
 from dinolab.data.transforms import make_classification_transform
 from dinolab.errors import DinolabError
-from dinolab.eval.features import embed, extract_features, load_embeddings
+from dinolab.eval.features import extract_features
 from dinolab.models import create_model
 
 TF = make_classification_transform(resize=40, crop=32)

@@ -16,7 +16,7 @@ def official_pos_resize(pos, h, w, offset, antialias):
     if (h, w) == (M, M):  # the official code returns the stored table untouched at its own size
         return pos
     grid = patch.reshape(1, M, M, -1).permute(0, 3, 1, 2)
-    kw = dict(scale_factor=((h + offset) / M, (w + offset) / M)) if offset else dict(size=(h, w))
+    kw = {"scale_factor": ((h + offset) / M, (w + offset) / M)} if offset else {"size": (h, w)}
     out = F.interpolate(grid, mode="bicubic", antialias=antialias, **kw)
     return torch.cat([cls, out.permute(0, 2, 3, 1).reshape(1, h * w, -1)], dim=1)
 

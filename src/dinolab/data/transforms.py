@@ -7,7 +7,8 @@ of the patch size, so any image can go through the backbone without a silent cro
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F

@@ -14,7 +14,7 @@ def create_model(name: str, **overrides: Any) -> DinoVisionTransformer:
     return DinoVisionTransformer(**get_variant(name, **overrides).model_kwargs())
 
 
-from dinolab.models.checkpoints import load_model, save_official  # noqa: E402  (needs create_model)
+from dinolab.models.checkpoints import load_model, save_official
 
 __all__ = [
     "BackboneOutput",

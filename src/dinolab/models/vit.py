@@ -10,8 +10,8 @@ Parameter names equal the official checkpoint keys; see ``dinolab.models.checkpo
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -156,9 +156,9 @@ class DinoVisionTransformer(nn.Module):
         patch_pos = patch_pos.reshape(1, M, M, -1).permute(0, 3, 1, 2)  # (1, D, M, M)
         if self.interpolate_offset:
             scale = ((h + self.interpolate_offset) / M, (w + self.interpolate_offset) / M)
-            resize = dict(scale_factor=scale)
+            resize = {"scale_factor": scale}
         else:
-            resize = dict(size=(h, w))
+            resize = {"size": (h, w)}
         patch_pos = F.interpolate(patch_pos, mode="bicubic", antialias=self.interpolate_antialias, **resize)
         if patch_pos.shape[-2:] != (h, w):  # the scale-factor path must land on the grid exactly
             raise RuntimeError(f"position embedding resized to {tuple(patch_pos.shape[-2:])}, wanted {(h, w)}")

@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from dinolab.data.images import load_rgb
 from dinolab.data.transforms import make_dense_transform
 
 log = logging.getLogger(__name__)
@@ -179,16 +180,6 @@ def _fg_colors(x: Tensor, n_components: int) -> Tensor:
     return out
 
 
-def _open_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode an image to RGB, through ``dinolab.data.images.load_rgb`` when it exists."""
-    try:
-        from dinolab.data.images import load_rgb
-    except ImportError:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    return load_rgb(path)
-
-
 def _named_images(images: Sequence[ImageInput] | None) -> list[tuple[str, Image.Image]]:
     """Paths or ``(name, PIL image)`` pairs -> ``(name, RGB image)``; None -> sample images."""
     if images is None:
@@ -199,7 +190,7 @@ def _named_images(images: Sequence[ImageInput] | None) -> list[tuple[str, Image.
             name, img = item
             out.append((str(name), img.convert("RGB")))
         else:
-            out.append((Path(item).stem, _open_rgb(item)))
+            out.append((Path(item).stem, load_rgb(item)))
     if not out:
         raise ValueError("no images given")
     return out

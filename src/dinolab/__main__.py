@@ -1,0 +1,5 @@
+import sys
+
+from dinolab.cli import main
+
+sys.exit(main())

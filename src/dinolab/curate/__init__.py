@@ -1,0 +1,1 @@
+"""Data curation: embedding pools (more stages come with the curation issue)."""

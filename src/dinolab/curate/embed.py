@@ -1,0 +1,317 @@
+"""Embed a folder of images to disk, resumably.
+
+``embed`` is the ``dinolab embed`` job: it writes
+features shard by shard (each shard atomically), so a killed run resumes where it stopped, then
+merges the shards into final files and removes them. Output folder of ``embed``::
+
+    cls.npy / patch_mean.npy / registers.npy   float32 (N, D) / (N, D) / (N, R, D)   (fmt="npy")
+    features.safetensors                       the same tensors in one file           (fmt="safetensors")
+    ids.txt        one id per line, same row order as the arrays
+    skipped.txt    "<id>\\t<reason>" per image that could not be decoded
+    meta.json      model, dims, counts, pooling, transform, version, time (written last: the run is done)
+    run.json       the settings that a resumed run must match
+    shards/        per-shard features (.npz) and ids (.json) while the run is in progress
+
+Every input id appears in exactly one of ids.txt and skipped.txt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from dinolab.data.images import Batch, ImageListDataset, ImageSource, list_images_with_ids
+from dinolab.data.transforms import make_classification_transform
+from dinolab.errors import DinolabError
+from dinolab.eval.features import (
+    FORMATS,
+    POOLINGS,
+    Transform,
+    _check_pooling,
+    _empty,
+    _forward_batches,
+    _frozen,
+    _loader,
+    _log_skipped,
+    _precision,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EmbedResult:
+    """What ``embed`` wrote: ``count`` rows, ``skipped`` (id, reason), the final ``files``, and how
+    many shards were reused from an earlier run versus computed now."""
+
+    out_dir: Path
+    count: int
+    skipped: list[tuple[str, str]]
+    files: list[str]
+    shards_reused: int = 0
+    shards_computed: int = 0
+
+
+def _atomic_write(path: Path, write: Callable) -> None:
+    """Write through ``write(file)`` to a temp file, fsync, then rename over ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_text(path: Path, text: str) -> None:
+    _atomic_write(path, lambda f: f.write(text.encode("utf-8", errors="surrogateescape")))
+
+
+def _read_text(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="surrogateescape")
+
+
+def _run_settings(model_id: str, keys: Sequence[str], transform: Transform, shard_size: int,
+                  dtype: torch.dtype | None, ids: list[str]) -> dict:
+    """What a resumed run must share with the run that wrote the shards."""
+    digest = hashlib.sha256("\n".join(ids).encode("utf-8", errors="surrogateescape")).hexdigest()
+    return {
+        "model_id": model_id, "pooling": list(keys), "shard_size": shard_size, "inputs": len(ids),
+        "ids_sha256": digest, "autocast": str(dtype).removeprefix("torch.") if dtype else None,
+        "transform": re.sub(r" at 0x[0-9a-fA-F]+", "", repr(transform)),  # no addresses: stable across runs
+    }
+
+
+_OUR_FILES = ("run.json", "meta.json", "ids.txt", "skipped.txt", "features.safetensors",
+              *(f"{k}.npy" for k in POOLINGS))
+
+
+def _prepare_out_dir(out: Path, run: dict, overwrite: bool) -> bool:
+    """Create/validate ``out``; True when it already holds this finished run."""
+    if overwrite:
+        shutil.rmtree(out / "shards", ignore_errors=True)
+        for name in _OUR_FILES:
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "run.json").exists():
+        if any(out.iterdir()) and not overwrite:
+            raise DinolabError(f"output folder {out} is not empty and holds no embed run; use a new folder "
+                               "or --overwrite")
+        _write_text(out / "run.json", json.dumps(run, indent=1))
+        return False
+    old = json.loads(_read_text(out / "run.json"))
+    if old != run:
+        diff = sorted(k for k in run.keys() | old.keys() if run.get(k) != old.get(k))
+        raise DinolabError(f"{out} holds an embed run with other settings or images ({', '.join(diff)} "
+                           "differ); use a new output folder or --overwrite")
+    meta = out / "meta.json"
+    if meta.exists() and all((out / f).exists() for f in json.loads(_read_text(meta))["files"]):
+        return True
+    meta.unlink(missing_ok=True)
+    return False
+
+
+def _shard_done(out: Path, k: int, inputs: list[str]) -> bool:
+    marker = out / "shards" / f"{k:05d}.json"
+    if not marker.exists():
+        return False
+    if json.loads(_read_text(marker))["inputs"] != inputs:
+        raise DinolabError(f"shard {marker} was written for other images; the image list changed: "
+                           "use a new output folder or --overwrite")
+    return (out / "shards" / f"{k:05d}.npz").exists()
+
+
+def _write_shard(out: Path, k: int, inputs: list[str], ok: list[str], skipped: list, arrays: dict) -> None:
+    """Features first, then the id file, which marks the shard complete."""
+    _atomic_write(out / "shards" / f"{k:05d}.npz", lambda f: np.savez(f, **arrays))
+    marker = {"inputs": inputs, "ok": ok, "skipped": skipped}
+    _write_text(out / "shards" / f"{k:05d}.json", json.dumps(marker))
+
+
+class _ShardBuffer:
+    """Collects the batches of one shard; batches never cross a shard boundary."""
+
+    def __init__(self, empty: dict[str, Tensor]) -> None:
+        self.empty, self.ok, self.skipped, self.seen = empty, [], [], 0
+        self.rows: dict[str, list[Tensor]] = defaultdict(list)
+
+    def add(self, batch: Batch, feats: dict[str, Tensor], ids: list[str]) -> None:
+        self.ok += [ids[i] for i in batch.indices]
+        self.skipped += [[ids[i], reason] for i, reason in batch.skipped]
+        self.seen += len(batch.indices) + len(batch.skipped)
+        for key, v in feats.items():
+            self.rows[key].append(v)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {key: torch.cat(self.rows[key] or [e]).numpy() for key, e in self.empty.items()}
+
+
+def _compute_shards(
+    model: nn.Module, dataset: ImageListDataset, ids: list[str], todo: list[int], out: Path, *,
+    shard_size: int, batch_size: int, num_workers: int, device: torch.device, dtype: torch.dtype | None,
+    keys: Sequence[str], progress: bool,
+) -> None:
+    """Run the shards in ``todo``, writing each one as soon as its last batch is done."""
+    spans = {k: range(k * shard_size, min((k + 1) * shard_size, len(ids))) for k in todo}
+    batches = [list(r[j:j + batch_size]) for r in spans.values() for j in range(0, len(r), batch_size)]
+    (out / "shards").mkdir(exist_ok=True)
+    buf = _ShardBuffer(_empty(model, keys))
+    total = sum(len(r) for r in spans.values())
+    with _frozen(model.to(device)), tqdm(total=total, disable=not progress, unit="img", desc="embed") as bar:
+        loader = _loader(dataset, batches, num_workers, device)
+        for batch, feats in _forward_batches(model, loader, device=device, dtype=dtype, keys=keys, bar=bar):
+            buf.add(batch, feats, ids)
+            k = (batch.indices or [batch.skipped[0][0]])[0] // shard_size
+            if buf.seen == len(spans[k]):
+                _write_shard(out, k, [ids[i] for i in spans[k]], buf.ok, buf.skipped, buf.arrays())
+                buf = _ShardBuffer(buf.empty)
+
+
+def _shard_blocks(out: Path, n_shards: int, key: str) -> Iterator[np.ndarray]:
+    """The ``key`` array of each shard in order, one shard in memory at a time."""
+    for k in range(n_shards):
+        with np.load(out / "shards" / f"{k:05d}.npz") as d:
+            yield d[key]
+
+
+def _save_npy(path: Path, shape: tuple[int, ...], blocks: Iterator[np.ndarray]) -> None:
+    """Stream ``blocks`` into a memory-mapped .npy (no second copy in RAM), then rename into place."""
+    tmp = path.with_name(path.name + ".tmp")
+    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+    start = 0
+    for block in blocks:
+        arr[start:start + len(block)] = block
+        start += len(block)
+    arr.flush()
+    del arr
+    os.replace(tmp, path)
+
+
+def _merge(out: Path, n_shards: int, keys: Sequence[str], fmt: str) -> tuple[list[str], list, dict]:
+    """Concatenate the shards into the final files; returns (ids, skipped, shapes)."""
+    shard_meta = [json.loads(_read_text(out / "shards" / f"{k:05d}.json")) for k in range(n_shards)]
+    ok = [i for m in shard_meta for i in m["ok"]]
+    skipped = [tuple(s) for m in shard_meta for s in m["skipped"]]
+    with np.load(out / "shards" / "00000.npz") as d:
+        shapes = {key: (len(ok), *d[key].shape[1:]) for key in keys}
+    if fmt == "npy":
+        for key in keys:
+            _save_npy(out / f"{key}.npy", shapes[key], _shard_blocks(out, n_shards, key))
+    else:  # safetensors writes from memory: the whole array is held once
+        from safetensors.numpy import save_file
+
+        tmp = out / "features.safetensors.tmp"
+        save_file({key: np.concatenate(list(_shard_blocks(out, n_shards, key))) for key in keys}, str(tmp))
+        os.replace(tmp, out / "features.safetensors")
+    _write_text(out / "ids.txt", "".join(f"{i}\n" for i in ok))
+    _write_text(out / "skipped.txt", "".join(f"{i}\t{r}\n" for i, r in skipped))
+    return ok, skipped, shapes
+
+
+def _check_ids(ids: list[str]) -> None:
+    bad = next((i for i in ids if "\n" in i or "\r" in i), None)
+    if bad is not None:
+        raise DinolabError(f"image id {bad!r} contains a line break, which ids.txt cannot hold; "
+                           "rename the file")
+
+
+def embed(
+    model: nn.Module,
+    images: ImageSource,
+    out_dir: str | os.PathLike,
+    *,
+    model_id: str,
+    transform: Transform | None = None,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    device: str | torch.device | None = None,
+    autocast: torch.dtype | bool | None = None,
+    pooling: str | Sequence[str] = ("cls",),
+    fmt: str = "npy",
+    shard_size: int = 4096,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> EmbedResult:
+    """Embed ``images`` (folder, ``.txt`` list file or list of paths) into ``out_dir`` (layout in the
+    module docstring); resumable: re-running the same call skips the shards already written.
+
+    ``model_id`` is recorded in meta.json (e.g. the name or path given to ``load_model``).
+    ``num_workers`` None = min(8, CPU count). ``fmt`` is "npy" or "safetensors". ``overwrite``
+    deletes an earlier run's files in ``out_dir`` first. Other arguments as ``extract_features``.
+    Raises ``DinolabError`` if ``out_dir`` holds a run with other images or settings.
+    """
+    keys = _check_pooling(model, pooling)
+    if fmt not in FORMATS or shard_size < 1 or batch_size < 1:
+        raise DinolabError(f"need fmt in {FORMATS}, shard_size >= 1, batch_size >= 1 (got {fmt!r}, "
+                           f"{shard_size}, {batch_size})")
+    paths, ids = list_images_with_ids(images)
+    _check_ids(ids)
+    transform = transform or make_classification_transform()
+    device, dtype = _precision(device, autocast)
+    out = Path(out_dir)
+    run = _run_settings(model_id, keys, transform, shard_size, dtype, ids)
+    n_shards = -(-len(ids) // shard_size)
+    if _prepare_out_dir(out, run, overwrite):
+        logger.info("%s already holds this finished embed run; nothing to do", out)
+        return _result(out, n_shards, 0)
+    todo = [k for k in range(n_shards) if not _shard_done(out, k, ids[k * shard_size:(k + 1) * shard_size])]
+    if len(todo) < n_shards:
+        logger.info("resuming in %s: %d of %d shards already done", out, n_shards - len(todo), n_shards)
+    workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
+    _compute_shards(model, ImageListDataset(paths, transform), ids, todo, out, shard_size=shard_size,
+                    batch_size=batch_size, num_workers=workers, device=device, dtype=dtype, keys=keys,
+                    progress=progress)
+    ok, skipped, shapes = _merge(out, n_shards, keys, fmt)
+    arrays = [f"{k}.npy" for k in keys] if fmt == "npy" else ["features.safetensors"]
+    files = ["ids.txt", "skipped.txt", *arrays]
+    from dinolab import __version__
+
+    meta = {**run, "format": fmt, "files": files, "count": len(ok), "skipped": len(skipped),
+            "dims": {k: list(s) for k, s in shapes.items()}, "dinolab_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    _write_text(out / "meta.json", json.dumps(meta, indent=1))  # last: marks the run finished
+    shutil.rmtree(out / "shards", ignore_errors=True)
+    _log_skipped(skipped, len(ids))
+    logger.info("embedded %d images into %s (%d skipped, listed in skipped.txt)", len(ok), out, len(skipped))
+    return _result(out, n_shards - len(todo), len(todo))
+
+
+def _result(out: Path, reused: int, computed: int) -> EmbedResult:
+    meta = json.loads(_read_text(out / "meta.json"))
+    skipped = [tuple(ln.rsplit("\t", 1)) for ln in _read_text(out / "skipped.txt").splitlines()]
+    return EmbedResult(out, meta["count"], skipped, meta["files"], reused, computed)
+
+
+def load_embeddings(
+    out_dir: str | os.PathLike, *, mmap: bool = False
+) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Read a finished ``embed`` folder: (ids, {"cls": (N, D), ...}) with rows in ids order.
+    ``mmap=True`` memory-maps .npy files instead of reading them."""
+    out = Path(out_dir)
+    if not (out / "meta.json").exists():
+        raise DinolabError(f"{out} holds no finished embed run (no meta.json); run or resume dinolab embed")
+    meta = json.loads(_read_text(out / "meta.json"))
+    ids = _read_text(out / "ids.txt").splitlines()
+    if meta["format"] == "safetensors":
+        from safetensors.numpy import load_file
+
+        arrays = load_file(str(out / "features.safetensors"))
+    else:
+        arrays = {k: np.load(out / f"{k}.npy", mmap_mode="r" if mmap else None) for k in meta["pooling"]}
+    if any(len(a) != len(ids) for a in arrays.values()):
+        raise DinolabError(f"{out}: arrays and ids.txt disagree in length; "
+                           "re-run dinolab embed with --overwrite")
+    return ids, arrays
