@@ -32,6 +32,7 @@ import torch
 from dinolab.models import create_model
 from dinolab.models.checkpoints import save_hf_folder
 from dinolab.models.convert import official_to_timm
+from dinolab.models.inference import optimize_for_inference
 
 SIZES = {"s": "dinov2_vits14", "b": "dinov2_vitb14", "l": "dinov2_vitl14", "g": "dinov2_vitg14"}
 
@@ -127,7 +128,7 @@ def timeit(fn, x, device: str, warmup: int, iters: int, repeats: int = 3) -> tup
     return best, peak
 
 
-def run_size(size: str, args) -> list[dict]:
+def run_size(size: str, args, out_json: Path, meta: dict, done: list[dict]) -> list[dict]:
     name = SIZES[size]
     peers = build_peers(name, args.device, args.runners, args.img)
     x = torch.randn(args.batch, 3, args.img, args.img, device=args.device)
@@ -137,17 +138,21 @@ def run_size(size: str, args) -> list[dict]:
     if amp and "ours" in args.runners:  # our pure-bf16 policy, measured beside the autocast ones
         m16 = copy.deepcopy(peers["ours"][0]).to(torch.bfloat16)
         peers["ours-bf16w"] = (m16, lambda m, x: m(x.to(torch.bfloat16)).cls_token)
+    if amp and args.fast_mode:  # optimize_for_inference: bf16 weights + a tuned compile mode
+        fast = optimize_for_inference(copy.deepcopy(peers["ours"][0]), compile=False)
+        peers["ours-fast"] = (fast, lambda m, x: m(x.to(torch.bfloat16)).cls_token)
     rows = []
     for runner, (model, call) in peers.items():
-        for mode in args.modes:
+        for mode in args.modes if runner != "ours-fast" else ["compile"]:
             t_start = time.perf_counter()
             if f"{runner}:{mode}" in args.skip:
                 continue
             if time.perf_counter() - T0 > args.time_budget:
                 print(f"skip {name} {runner} {mode}: time budget spent", flush=True)
                 continue
-            target = torch.compile(model) if mode == "compile" else model
-            use_amp = amp and runner != "ours-bf16w"
+            kw = {"mode": args.fast_mode} if runner == "ours-fast" else {}
+            target = torch.compile(model, **kw) if mode == "compile" else model
+            use_amp = amp and not runner.startswith(("ours-bf16w", "ours-fast"))
 
             def fn(inp, target=target, call=call, use_amp=use_amp):
                 with torch.inference_mode(), torch.autocast(args.device, torch.bfloat16, enabled=use_amp):
@@ -164,6 +169,8 @@ def run_size(size: str, args) -> list[dict]:
             row = {"model": name, "runner": runner, "mode": mode, "img_s": args.batch / sec, "ms": sec * 1e3,
                        "peak_mib": peak / 2**20, "max_abs_diff_cls": diff, "min_cos_cls": cos, "setup_s": time.perf_counter() - t_start}
             rows.append(row)
+            add_ratios(done + rows)
+            out_json.write_text(json.dumps({"meta": meta, "rows": done + rows}, indent=1))  # survives a kill
             print(f"{name:14s} {runner:10s} {mode:8s} {row['img_s']:10.1f} img/s  {row['peak_mib']:9.0f} MiB  "
                   f"diff {diff:.2e} cos {cos:.5f}  ({row['setup_s']:.0f}s)", flush=True)
     del peers
@@ -189,6 +196,8 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
     ap.add_argument("--warmup", type=int, default=None, help="default: 10 on cuda, 2 on cpu")
     ap.add_argument("--iters", type=int, default=None, help="default: 20 on cuda, 3 on cpu")
+    ap.add_argument("--fast-mode", default=None, help="also time optimize_for_inference with this "
+                    "torch.compile mode (e.g. max-autotune-no-cudagraphs) as runner ours-fast (GPU, bf16)")
     ap.add_argument("--skip", default="", help="comma list of runner:mode pairs to leave out, e.g. hf:compile")
     ap.add_argument("--time-budget", type=float, default=1e9, help="skip remaining configs after this many s")
     ap.add_argument("--json", type=Path, default=None)
@@ -208,9 +217,7 @@ def main() -> None:
                 **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
     rows = []
     for size in args.models.split(","):
-        rows += run_size(size, args)
-        add_ratios(rows)
-        out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))  # partial results survive a kill
+        rows += run_size(size, args, out, meta, rows)
     for r in rows:
         ratio = f"{r['vs_fastest_peer']:.2f}x" if r["vs_fastest_peer"] else "-"
         print(f"| {r['model']} | {r['runner']} | {r['mode']} | {r['img_s']:.0f} | {ratio} | {r['peak_mib']:.0f} |"
