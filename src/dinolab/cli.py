@@ -92,6 +92,30 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from dinolab.data.datasets import few_shot, resolve_dataset
+    from dinolab.eval import jobs
+
+    train, test = resolve_dataset(args.train), resolve_dataset(args.test)
+    if args.few_shot:
+        train = few_shot(train, args.few_shot, seed=args.seed)
+    out = args.out or Path("runs") / f"eval-{args.task}-{Path(str(args.model)).stem}"
+    common = {"model_id": str(args.model), "out_dir": out}
+    feat = {"resize": args.resize, "crop": args.crop, "batch_size": args.batch_size, "device": args.device,
+                "num_workers": args.num_workers}
+    if args.task == "knn":
+        res = jobs.run_knn(_load(args), train, test, ks=tuple(args.ks), temperature=args.temperature,
+                           **feat, **common)
+    elif args.task == "logreg":
+        res = jobs.run_logreg(_load(args), train, test, val_fraction=args.val_fraction, seed=args.seed,
+                              **feat, **common)
+    else:
+        res = jobs.run_linear(_load(args), train, test, epochs=args.epochs, augment=not args.no_augment,
+                              val_fraction=args.val_fraction, seed=args.seed, **feat, **common)
+    print(jobs.format_table(res))
+    print(f"results: {out / 'results.json'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dinolab", description="DINOv2 backbones: features, PCA part colouring, "
                                  "weight conversion. `dinolab <command> --help` explains each command.")
@@ -142,6 +166,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-mask", action="store_true", help="leave out the foreground-mask row")
     _add_model_args(p)
     p.set_defaults(func=cmd_pca)
+
+    p = sub.add_parser("eval", help="frozen-feature classification: knn, linear probe, logistic regression")
+    esub = p.add_subparsers(dest="task", required=True, metavar="task")
+    for task, text in (("knn", "DINOv2 kNN: cosine, top-k votes weighted by exp(sim/T)"),
+                       ("linear", "DINOv2 linear probe grid (lr x last 1/4 blocks x CLS/+avgpool)"),
+                       ("logreg", "multinomial logistic regression (L-BFGS), C chosen on held-out train")):
+        e = esub.add_parser(task, help=text, description=text + ". Writes results.json, confusion_matrix.png "
+                            "and per_class.json into --out and prints a table.")
+        e.add_argument("--train", required=True, help="ImageFolder dir, .tar(.gz), labelled list file, or "
+                       "cifar10:train")
+        e.add_argument("--test", required=True, help="same forms as --train, e.g. cifar10:test")
+        e.add_argument("--out", type=Path, help="run folder (default runs/eval-<task>-<model>)")
+        e.add_argument("--few-shot", type=int, help="use only N training images per class")
+        e.add_argument("--resize", type=int, default=256, help="short side before the centre crop (256; "
+                       "use 32 for CIFAR-size models)")
+        e.add_argument("--crop", type=int, default=224, help="centre crop (224; 32 for CIFAR-size models)")
+        e.add_argument("--batch-size", type=int, default=256)
+        e.add_argument("--num-workers", type=int, default=0, help="decoding processes")
+        e.add_argument("--seed", type=int, default=0)
+        if task == "knn":
+            e.add_argument("--ks", type=int, nargs="+", default=[10, 20, 100, 200])
+            e.add_argument("--temperature", type=float, default=0.07)
+        else:
+            e.add_argument("--val-fraction", type=float, default=0.1 if task == "linear" else 0.2,
+                           help="part of train held out to choose the hyper-parameters")
+        if task == "linear":
+            e.add_argument("--epochs", type=int, default=10)
+            e.add_argument("--no-augment", action="store_true", help="no random-resized-crop/flip: "
+                           "backbone features are computed once and cached (fast)")
+        _add_model_args(e)
+        e.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("convert", help="save a backbone in the official .pth layout or as a HuggingFace folder")
     p.add_argument("--out", type=Path, required=True, help="a .pth file (official) or a folder (hf)")

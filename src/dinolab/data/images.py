@@ -203,7 +203,9 @@ class Batch:
 
 
 class ImageListDataset(Dataset):
-    """Images from paths (decoded with ``load_rgb``) or in-memory PIL images (``to_rgb``).
+    """Images from paths (decoded with ``load_rgb``), in-memory PIL images (``to_rgb``), or one
+    uint8 array (N, H, W, 3) of decoded images (item i -> ``Image.fromarray(images[i])``; the array,
+    e.g. a ``np.load(..., mmap_mode="r")`` memory map, is kept as is, not copied).
 
     ``__getitem__`` returns a ``Sample``; an image that cannot be decoded gives
     ``Sample(index, None, reason)`` instead of raising. Errors raised by ``transform`` itself
@@ -211,15 +213,25 @@ class ImageListDataset(Dataset):
     """
 
     def __init__(
-        self, images: Sequence[str | os.PathLike | Image.Image], transform: Callable[[Image.Image], Tensor]
+        self, images: Sequence[str | os.PathLike | Image.Image] | np.ndarray,
+        transform: Callable[[Image.Image], Tensor],
     ) -> None:
-        self.images = list(images)
+        if isinstance(images, np.ndarray):
+            if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+                raise DinolabError(
+                    f"an image array must be uint8 of shape (N, H, W, 3), got {images.dtype} {images.shape}"
+                )
+            self.images = images
+        else:
+            self.images = list(images)
         self.transform = transform
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def _decode(self, item: str | os.PathLike | Image.Image) -> Image.Image:
+    def _decode(self, item: str | os.PathLike | Image.Image | np.ndarray) -> Image.Image:
+        if isinstance(item, np.ndarray):  # (H, W, 3) uint8 row of an image array
+            return Image.fromarray(np.ascontiguousarray(item))  # RGB: shape checked above
         if not isinstance(item, Image.Image):
             return load_rgb(item)
         try:

@@ -2,6 +2,11 @@
 
 The shared batching machinery here (pooling check, precision policy, bad-image-tolerant loader)
 is also what ``dinolab.curate.embed`` runs on.
+
+Under ``torch.distributed`` (see ``dinolab.distributed``) the batches are cut exactly as in one
+process and each rank takes a contiguous run of whole batches; the results are gathered so every
+rank returns the full ``Features`` in dataset order. Because every batch holds the same images as in
+a single-process run, the features are bit-identical to it on the same hardware and precision.
 """
 
 from __future__ import annotations
@@ -13,14 +18,23 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from dinolab.data.datasets import LabeledImages
 from dinolab.data.images import Batch, ImageListDataset, ImageSource, collate_skip_bad, list_images_with_ids
 from dinolab.data.transforms import make_classification_transform
+from dinolab.distributed import (
+    all_gather_objects,
+    all_gather_uneven,
+    get_rank,
+    get_world_size,
+    is_distributed,
+)
 from dinolab.errors import DinolabError
 
 logger = logging.getLogger(__name__)
@@ -28,7 +42,7 @@ logger = logging.getLogger(__name__)
 POOLINGS = ("cls", "patch_mean", "registers")
 FORMATS = ("npy", "safetensors")
 Transform = Callable[[Image.Image], Tensor]
-Images = ImageSource | Image.Image | Sequence[Image.Image]
+Images = ImageSource | Image.Image | Sequence[Image.Image] | np.ndarray | LabeledImages
 
 
 @dataclass
@@ -73,8 +87,13 @@ def _precision(
     return device, dtype
 
 
-def _resolve(images: Images) -> tuple[list, list[str]]:
-    """(items for ImageListDataset, ids)."""
+def _resolve(images: Images) -> tuple[list | np.ndarray, list[str]]:
+    """(items for ImageListDataset, ids). An image array (N, H, W, 3) has ids "0".."N-1"."""
+    if isinstance(images, LabeledImages):
+        items = images.items if isinstance(images.items, np.ndarray) else list(images.items)
+        return items, list(images.ids)
+    if isinstance(images, np.ndarray):
+        return images, [str(i) for i in range(len(images))]
     if isinstance(images, Image.Image):
         return [images], ["0"]
     if isinstance(images, (list, tuple)) and any(isinstance(i, Image.Image) for i in images):
@@ -139,6 +158,36 @@ def _log_skipped(skipped: list[tuple[str, str]], total: int) -> None:
 # ---------------------------------------------------------------------------------- in memory
 
 
+def _use_distributed(distributed: bool | None) -> bool:
+    """Whether to shard: None = when a group of more than one process is initialised."""
+    initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and not initialised:
+        raise DinolabError(
+            "extract_features(distributed=True) needs an initialised process group: launch with "
+            "torchrun and call dinolab.distributed.init_distributed() first"
+        )
+    return distributed is not False and is_distributed()
+
+
+def _my_batches(batches: list[list[int]], shard: bool) -> list[list[int]]:
+    """This rank's contiguous run of whole batches (all of them in a single process)."""
+    if not shard:
+        return batches
+    rank, world, n = get_rank(), get_world_size(), len(batches)
+    return batches[rank * n // world: (rank + 1) * n // world]
+
+
+def _gather(
+    good: list[int], skipped: list[tuple[int, str]], feats: dict[str, Tensor]
+) -> tuple[list[int], list[tuple[int, str]], dict[str, Tensor]]:
+    """Every rank's (good indices, skipped, features) merged, rows sorted by dataset index."""
+    all_good = torch.cat(all_gather_uneven(torch.tensor(good, dtype=torch.int64)))
+    order = torch.argsort(all_good, stable=True)  # already sorted for contiguous shards; cheap insurance
+    feats = {k: torch.cat(all_gather_uneven(v))[order] for k, v in feats.items()}
+    all_skipped = sorted(s for part in all_gather_objects(skipped) for s in part)
+    return all_good[order].tolist(), all_skipped, feats
+
+
 def extract_features(
     model: nn.Module,
     images: Images,
@@ -150,30 +199,43 @@ def extract_features(
     autocast: torch.dtype | bool | None = None,
     pooling: str | Sequence[str] = ("cls",),
     progress: bool = True,
+    distributed: bool | None = None,
 ) -> Features:
-    """Features of ``images`` (folder, ``.txt`` list file, list of paths, or PIL images).
+    """Features of ``images`` (folder, ``.txt`` list file, list of paths, PIL images, a uint8 array
+    (N, H, W, 3) with ids "0".."N-1", or a ``LabeledImages`` with its ids).
 
     ``transform`` defaults to the official classification preprocessing (resize 256, crop 224).
     ``pooling`` adds ``"patch_mean"`` and/or ``"registers"``; the CLS token is always returned.
     ``autocast``: None = bf16 on CUDA and fp32 on CPU, False = fp32, True = bf16, or a dtype.
     The model is moved to ``device`` and run in eval + inference mode (its mode is restored).
     Undecodable images are skipped and listed in ``Features.skipped``.
+    ``distributed``: None = shard over the ranks when a process group with more than one process is
+    initialised, False = every process embeds everything. When sharded, each rank embeds a
+    contiguous run of whole batches and all ranks return the same, complete ``Features``
+    (a collective call: every rank must call it with the same images and batch size).
     """
     keys = _check_pooling(model, ("cls", *((pooling,) if isinstance(pooling, str) else pooling)))
     items, ids = _resolve(images)
     device, dtype = _precision(device, autocast)
+    shard = _use_distributed(distributed)
     dataset = ImageListDataset(items, transform or make_classification_transform())
     batches = [list(range(s, min(s + batch_size, len(items)))) for s in range(0, len(items), batch_size)]
+    mine = _my_batches(batches, shard)
     rows: dict[str, list[Tensor]] = defaultdict(list)
     good: list[int] = []
-    skipped: list[tuple[str, str]] = []
-    with _frozen(model.to(device)), tqdm(total=len(items), disable=not progress, unit="img") as bar:
-        loader = _loader(dataset, batches, num_workers, device)
+    skipped_at: list[tuple[int, str]] = []
+    show = progress and (not shard or get_rank() == 0)
+    with _frozen(model.to(device)), tqdm(total=sum(map(len, mine)), disable=not show, unit="img") as bar:
+        loader = _loader(dataset, mine, num_workers, device)
         for batch, feats in _forward_batches(model, loader, device=device, dtype=dtype, keys=keys, bar=bar):
             good += batch.indices
-            skipped += [(ids[i], reason) for i, reason in batch.skipped]
+            skipped_at += batch.skipped
             for k, v in feats.items():
                 rows[k].append(v)
-    _log_skipped(skipped, len(items))
     out = {k: torch.cat(rows[k]) if rows[k] else v for k, v in _empty(model, keys).items()}
+    if shard:
+        good, skipped_at, out = _gather(good, skipped_at, out)
+    skipped = [(ids[i], reason) for i, reason in skipped_at]
+    if get_rank() == 0 or not shard:
+        _log_skipped(skipped, len(items))
     return Features([ids[i] for i in good], out["cls"], out.get("patch_mean"), out.get("registers"), skipped)
