@@ -94,8 +94,10 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from dinolab.data.datasets import few_shot, resolve_dataset
+    from dinolab.distributed import get_rank, init_distributed
     from dinolab.eval import jobs
 
+    init_distributed()  # under torchrun: feature extraction is sharded across ranks (kNN, logreg)
     train, test = resolve_dataset(args.train), resolve_dataset(args.test)
     if args.few_shot:
         train = few_shot(train, args.few_shot, seed=args.seed)
@@ -112,8 +114,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     else:
         res = jobs.run_linear(_load(args), train, test, epochs=args.epochs, augment=not args.no_augment,
                               val_fraction=args.val_fraction, seed=args.seed, **feat, **common)
-    print(jobs.format_table(res))
-    print(f"results: {out / 'results.json'}")
+    if get_rank() == 0:
+        print(jobs.format_table(res))
+        print(f"results: {out / 'results.json'}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from dinolab.data.datasets import LabeledImages
 from dinolab.data.transforms import make_classification_transform
+from dinolab.distributed import get_rank
 from dinolab.errors import DinolabError
 from dinolab.eval.features import extract_features
 from dinolab.eval.metrics import confusion_matrix, per_class_accuracy, plot_confusion_matrix
@@ -69,7 +70,7 @@ def write_run(out_dir: str | Path | None, results: dict, preds: Tensor, labels: 
     cm = confusion_matrix(preds, labels, len(classes))
     per_class = dict(zip(classes, per_class_accuracy(cm).tolist()))
     results["per_class_top1"] = per_class
-    if out_dir is not None:
+    if out_dir is not None and get_rank() == 0:  # under torchrun every rank has the results; one writes
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         plot_confusion_matrix(cm, classes, out / "confusion_matrix.png", title=title)
@@ -152,7 +153,7 @@ def run_linear(model: nn.Module, train: LabeledImages, test: LabeledImages, *, m
     lin = linear_probe(model, train, test, **probe_kw)
     res.update(grid=lin.grid, held_out=lin.held_out, official=lin.official, wall_s={"total": time.perf_counter() - t0})
     res["headline"] = {"metric": "top1 (held-out selection)", "value": lin.held_out["test_top1"]}
-    if out_dir is not None:
+    if out_dir is not None and get_rank() == 0:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         torch.save(lin.classifier_state, Path(out_dir) / "classifier.pth")
     ok = lin.test_predictions >= 0  # -1 marks test images that could not be decoded

@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import Any
 from dataclasses import dataclass
 
 import numpy as np
@@ -278,3 +279,26 @@ def linear_probe(
                                         batch_size=batch_size, device=device, seed=seed, progress=progress)
     sizes = {"fit": len(fit), "val": len(val), "test": len(test)}
     return _summarise(outcome, len(test), test_good, train.classes, sizes)
+
+
+def extract_linear_features(model: nn.Module, ds: LabeledImages, *, n_blocks: int = 4, resize: int = 256,
+                            crop: int = 224, batch_size: int = 256, device: str | torch.device | None = None,
+                            autocast: torch.dtype | bool | None = None, num_workers: int = 0,
+                            progress: bool = True) -> tuple[dict[str, Tensor], Tensor, list[int]]:
+    """Cached linear-probe inputs of ``ds`` (evaluation transform): ``{"cls": (N, n_blocks, D),
+    "patch_mean": (N, D)}``, labels (N,), and the indices of the images that decoded."""
+    device, dtype = _precision(device, autocast)
+    bb = _Backbone(model.to(device), n_blocks, device, dtype, batch_size, num_workers, progress)
+    return _extract(bb, ds, make_classification_transform(resize, crop), "images")
+
+
+def linear_probe_features(fit: tuple[dict[str, Tensor], Tensor], val: tuple[dict[str, Tensor], Tensor],
+                          test: tuple[dict[str, Tensor], Tensor], *, classes: list[str], **grid_kw: Any
+                          ) -> LinearResult:
+    """The linear-probe grid and both selections on cached features (e.g. from
+    ``extract_linear_features``, or raw pixels as ``{"cls": (N, 1, P)}`` with ``n_blocks=(1,),
+    avgpool=(False,)``). ``grid_kw`` go to ``train_linear_grid``."""
+    outcome = train_linear_grid(fit[0], fit[1], {"val": val, "test": test}, num_classes=len(classes), **grid_kw)
+    n_test = len(test[1])
+    sizes = {"fit": len(fit[1]), "val": len(val[1]), "test": n_test}
+    return _summarise(outcome, n_test, list(range(n_test)), classes, sizes)

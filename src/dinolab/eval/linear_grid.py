@@ -174,9 +174,12 @@ class GridOutcome:
 
 def check_features(feats: Features, y: Tensor, configs: Sequence[HeadConfig], name: str) -> None:
     """Raise ``DinolabError`` unless ``feats`` has the shapes the grid needs."""
-    if "cls" not in feats or "patch_mean" not in feats:
-        raise DinolabError(f"{name} features need keys 'cls' (N, K, D) and 'patch_mean' (N, D), got {list(feats)}")
-    cls, pm = feats["cls"], feats["patch_mean"]
+    pooled = any(c.avgpool for c in configs)
+    if "cls" not in feats or (pooled and "patch_mean" not in feats):
+        raise DinolabError(f"{name} features need keys 'cls' (N, K, D) and, for avgpool heads, 'patch_mean' "
+                           f"(N, D), got {list(feats)}")
+    cls = feats["cls"]
+    pm = feats["patch_mean"] if pooled else cls[:, -1]  # without avgpool heads patch_mean is never read
     if cls.ndim != 3 or pm.shape != (cls.shape[0], cls.shape[2]) or len(y) != cls.shape[0]:
         raise DinolabError(f"{name} features: 'cls' must be (N, K, D), 'patch_mean' (N, D) and labels (N,), "
                            f"got {tuple(cls.shape)}, {tuple(pm.shape)}, {tuple(y.shape)}")

@@ -149,7 +149,7 @@ def read_state_dict(path: str | Path) -> StateDict:
     else:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # pickles with code, truncated zips ...
+        except Exception as e:  # noqa: BLE001  (pickles with code, truncated zips, ...)
             raise DinolabError(f"cannot read {path} as a tensors-only checkpoint: {e}".splitlines()[0]) from None
     if not isinstance(sd, dict):
         raise DinolabError(f"{path} holds a {type(sd).__name__}, not a state dict of tensors")
