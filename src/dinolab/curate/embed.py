@@ -25,7 +25,7 @@ import re
 import shutil
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +49,7 @@ from dinolab.eval.features import (
     _log_skipped,
     _precision,
 )
+from dinolab.io import atomic_write, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -64,20 +65,6 @@ class EmbedResult:
     files: list[str]
     shards_reused: int = 0
     shards_computed: int = 0
-
-
-def _atomic_write(path: Path, write: Callable) -> None:
-    """Write through ``write(file)`` to a temp file, fsync, then rename over ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda f: f.write(text.encode("utf-8", errors="surrogateescape")))
 
 
 def _read_text(path: Path) -> str:
@@ -110,7 +97,7 @@ def _prepare_out_dir(out: Path, run: dict, overwrite: bool) -> bool:
         if any(out.iterdir()) and not overwrite:
             raise DinolabError(f"output folder {out} is not empty and holds no embed run; use a new folder "
                                "or --overwrite")
-        _write_text(out / "run.json", json.dumps(run, indent=1))
+        atomic_write_text(out / "run.json", json.dumps(run, indent=1))
         return False
     old = json.loads(_read_text(out / "run.json"))
     if old != run:
@@ -136,9 +123,9 @@ def _shard_done(out: Path, k: int, inputs: list[str]) -> bool:
 
 def _write_shard(out: Path, k: int, inputs: list[str], ok: list[str], skipped: list, arrays: dict) -> None:
     """Features first, then the id file, which marks the shard complete."""
-    _atomic_write(out / "shards" / f"{k:05d}.npz", lambda f: np.savez(f, **arrays))
+    atomic_write(out / "shards" / f"{k:05d}.npz", lambda f: np.savez(f, **arrays))
     marker = {"inputs": inputs, "ok": ok, "skipped": skipped}
-    _write_text(out / "shards" / f"{k:05d}.json", json.dumps(marker))
+    atomic_write_text(out / "shards" / f"{k:05d}.json", json.dumps(marker))
 
 
 class _ShardBuffer:
@@ -211,13 +198,12 @@ def _merge(out: Path, n_shards: int, keys: Sequence[str], fmt: str) -> tuple[lis
         for key in keys:
             _save_npy(out / f"{key}.npy", shapes[key], _shard_blocks(out, n_shards, key))
     else:  # safetensors writes from memory: the whole array is held once
-        from safetensors.numpy import save_file
+        from safetensors.numpy import save
 
-        tmp = out / "features.safetensors.tmp"
-        save_file({key: np.concatenate(list(_shard_blocks(out, n_shards, key))) for key in keys}, str(tmp))
-        os.replace(tmp, out / "features.safetensors")
-    _write_text(out / "ids.txt", "".join(f"{i}\n" for i in ok))
-    _write_text(out / "skipped.txt", "".join(f"{i}\t{r}\n" for i, r in skipped))
+        arrays = {key: np.concatenate(list(_shard_blocks(out, n_shards, key))) for key in keys}
+        atomic_write(out / "features.safetensors", lambda f: f.write(save(arrays)))
+    atomic_write_text(out / "ids.txt", "".join(f"{i}\n" for i in ok))
+    atomic_write_text(out / "skipped.txt", "".join(f"{i}\t{r}\n" for i, r in skipped))
     return ok, skipped, shapes
 
 
@@ -282,7 +268,7 @@ def embed(
     meta = {**run, "format": fmt, "files": files, "count": len(ok), "skipped": len(skipped),
             "dims": {k: list(s) for k, s in shapes.items()}, "dinolab_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    _write_text(out / "meta.json", json.dumps(meta, indent=1))  # last: marks the run finished
+    atomic_write_text(out / "meta.json", json.dumps(meta, indent=1))  # last: marks the run finished
     shutil.rmtree(out / "shards", ignore_errors=True)
     _log_skipped(skipped, len(ids))
     logger.info("embedded %d images into %s (%d skipped, listed in skipped.txt)", len(ok), out, len(skipped))

@@ -30,6 +30,7 @@ from PIL import Image
 
 from dinolab.data.images import IMAGE_EXTENSIONS
 from dinolab.errors import DinolabError
+from dinolab.io import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -275,16 +276,6 @@ def _decode_tar(archive: Path) -> tuple[np.ndarray, list[str]]:
     return np.stack([decoded[n] for n in names]), ids
 
 
-def _save_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _decoded_once(archive: Path, cache_dir: str | os.PathLike | None) -> tuple[np.ndarray, list[str]]:
     """(memory-mapped images, ids) of ``archive``, decoding it into the cache the first time."""
     entry = _cache_entry(archive, cache_dir, "decoded")
@@ -293,8 +284,8 @@ def _decoded_once(archive: Path, cache_dir: str | os.PathLike | None) -> tuple[n
         logger.info("decoding %s into %s (once)", archive, npy)
         images, ids = _decode_tar(archive)
         entry.mkdir(parents=True, exist_ok=True)
-        _save_atomic(meta, lambda f: f.write(json.dumps(ids).encode()))
-        _save_atomic(npy, lambda f: np.save(f, images))
+        atomic_write(meta, lambda f: f.write(json.dumps(ids).encode()))
+        atomic_write(npy, lambda f: np.save(f, images))
     return np.load(npy, mmap_mode="r"), json.loads(meta.read_text())
 
 

@@ -14,10 +14,7 @@ Configs and names are resolved at the edge (``dinolab.cli``), not here.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +29,7 @@ from dinolab.distributed import get_rank
 from dinolab.errors import DinolabError
 from dinolab.eval.features import extract_features
 from dinolab.eval.metrics import confusion_matrix, per_class_accuracy, plot_confusion_matrix
+from dinolab.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +55,6 @@ def labeled_features(model: nn.Module, ds: LabeledImages, *, resize: int, crop: 
     return feats.cls, torch.as_tensor(ds.labels)[rows]
 
 
-def _atomic_json(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1, default=float)
-    os.replace(tmp, path)
-
-
 def write_run(out_dir: str | Path | None, results: dict, preds: Tensor, labels: Tensor,
               classes: list[str], title: str) -> dict:
     """Add confusion-matrix statistics to ``results`` and, with ``out_dir``, write the run folder."""
@@ -74,8 +65,8 @@ def write_run(out_dir: str | Path | None, results: dict, preds: Tensor, labels: 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         plot_confusion_matrix(cm, classes, out / "confusion_matrix.png", title=title)
-        _atomic_json(out / "per_class.json", per_class)
-        _atomic_json(out / "results.json", results)
+        atomic_write_json(out / "per_class.json", per_class)
+        atomic_write_json(out / "results.json", results)
         log.info("wrote %s", out / "results.json")
     return results
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import torch
 from torch import Tensor
 
 from dinolab.errors import DinolabError
+from dinolab.io import atomic_save_figure
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,9 @@ def plot_confusion_matrix(
         total = counts.sum()
         title = f"accuracy {100.0 * np.trace(counts) / max(total, 1):.2f}% ({int(total)} samples)"
     fig = _confusion_figure(counts, class_names, title)
-    return _save_atomic(fig, Path(out_png))
+    path = atomic_save_figure(fig, out_png)
+    logger.info("wrote confusion matrix to %s", path)
+    return path
 
 
 def _confusion_figure(counts: np.ndarray, class_names: Sequence[str] | None, title: str):
@@ -168,16 +170,3 @@ def _confusion_figure(counts: np.ndarray, class_names: Sequence[str] | None, tit
     return fig
 
 
-def _save_atomic(fig, path: Path) -> Path:
-    """Save ``fig`` as PNG through a temp file in the target folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    logger.info("wrote confusion matrix to %s", path)
-    return path

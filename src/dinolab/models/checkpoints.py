@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from dinolab.errors import ChecksumError, DinolabError, WeightsNotFoundError
+from dinolab.io import atomic_write, atomic_write_text
 from dinolab.models.convert import StateDict, to_official
 from dinolab.models.variants import VARIANTS, Variant, get_variant
 from dinolab.models.vit import DinoVisionTransformer
@@ -47,12 +48,6 @@ def sha256_of(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def verify_file(path: Path, sha256: str | None = None) -> None:
@@ -94,7 +89,7 @@ def download_weights(url: str, dest: Path, sha256: str | None = None, progress: 
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    _atomic_write_text(dest.with_name(dest.name + ".sha256"), f"{digest}  {dest.name}\n")
+    atomic_write_text(dest.with_name(dest.name + ".sha256"), f"{digest}  {dest.name}\n")
     log.info("downloaded %s -> %s (sha256 %s)", url, dest, digest)
     return dest
 
@@ -258,29 +253,25 @@ def save_official(model: DinoVisionTransformer, path: str | Path, variant: Varia
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(sd, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(sd, f))
     variant = variant or infer_variant(sd, num_heads=model.num_heads)
     arch = {**variant.__dict__, "interpolate_offset": model.interpolate_offset,
             "interpolate_antialias": model.interpolate_antialias, "num_heads": model.num_heads}
-    _atomic_write_text(path.with_name(path.name + ".json"), json.dumps(arch, indent=1))
+    atomic_write_text(path.with_name(path.name + ".json"), json.dumps(arch, indent=1))
     return path
 
 
 def save_hf_folder(model: DinoVisionTransformer, folder: str | Path) -> Path:
     """Save as a HuggingFace folder (``config.json`` + ``model.safetensors`` with the hub's key names)
     that ``transformers.Dinov2Model.from_pretrained(folder)`` (or ``...WithRegisters...``) loads."""
-    from safetensors.torch import save_file
-
     from dinolab.models.convert import hf_config, official_to_hf
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu().contiguous() for k, v in official_to_hf(model.state_dict()).items()}
-    tmp = folder / f"model.safetensors.tmp{os.getpid()}"
-    save_file(sd, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, folder / "model.safetensors")
+    from safetensors.torch import save
+
+    atomic_write(folder / "model.safetensors", lambda f: f.write(save(sd, metadata={"format": "pt"})))
     variant = infer_variant(model.state_dict(), num_heads=model.num_heads)
-    _atomic_write_text(folder / "config.json", json.dumps(hf_config(variant), indent=1))
+    atomic_write_text(folder / "config.json", json.dumps(hf_config(variant), indent=1))
     return folder

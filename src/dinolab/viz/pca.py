@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from torch import Tensor, nn
 
 from dinolab.data.images import load_rgb
 from dinolab.data.transforms import make_dense_transform
+from dinolab.io import atomic_save_figure
 
 log = logging.getLogger(__name__)
 
@@ -250,15 +250,7 @@ def _save_grid(named: list[tuple[str, Image.Image]], result: PatchPCA, out_png: 
             axes[row, col].imshow(panel, interpolation="nearest")
             axes[row, col].set_axis_off()
         axes[0, col].set_title(name, fontsize=9)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=out_png.parent, prefix=f".{out_png.stem}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=100)
-        os.replace(tmp, out_png)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_save_figure(fig, out_png)
 
 
 def pca_figure(
