@@ -1,0 +1,1 @@
+"""Training: schedules, optimizer parameter groups, the EMA teacher update, and the training step."""
