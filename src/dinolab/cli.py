@@ -7,6 +7,7 @@ on stderr and exit code 2, never a stack trace.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -119,6 +120,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(f"results: {out / 'results.json'}")
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from dinolab.config import load_config
+    from dinolab.train.loop import train
+
+    cfg = load_config(args.config, args.overrides)
+    res = train(cfg, args.data, device=args.device, progress=not args.no_progress)
+    print(json.dumps(res, indent=1, default=str))
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dinolab", description="DINOv2 backbones: features, PCA part colouring, "
                                  "weight conversion. `dinolab <command> --help` explains each command.")
@@ -200,6 +210,19 @@ def build_parser() -> argparse.ArgumentParser:
                            "backbone features are computed once and cached (fast)")
         _add_model_args(e)
         e.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("train", help="self-supervised DINOv2 pretraining on unlabelled images",
+                       description="Pretrain with the DINOv2 recipe (DINO + iBOT + KoLeo, multi-crop, EMA "
+                       "teacher). Writes config.yaml, metrics.jsonl, checkpoints/, loss.png, results.json and "
+                       "teacher_backbone.pth (official layout) into train.output_dir. Re-run the same command "
+                       "to resume from the newest checkpoint.")
+    p.add_argument("--config", default="cpu-smoke", help="preset (vits14, vitb14, vitl14, vitg14, cifar10, "
+                   "cpu-smoke) or a YAML file (may say `base: <preset>`)")
+    p.add_argument("--data", required=True, help="a folder of images (recursive), a .txt list file, or cifar10:train")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.base_lr=1e-3 train.epochs=5")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("convert", help="save a backbone in the official .pth layout or as a HuggingFace folder")
     p.add_argument("--out", type=Path, required=True, help="a .pth file (official) or a folder (hf)")

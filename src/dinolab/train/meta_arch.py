@@ -125,14 +125,14 @@ def collapse_metrics(dino_targets: Tensor, student_cls: Tensor) -> dict[str, flo
     - ``target_entropy``: mean entropy of the teacher's DINO targets (0 = one-hot, log K = uniform);
     - ``prototypes_in_use``: exp(entropy of the batch-mean target), the effective number of
       prototypes the batch spreads over (collapse: it falls towards 1);
-    - ``cls_std``: mean per-dimension std of the L2-normalised student CLS tokens (collapse to one
-      point: it falls towards 0; healthy runs stay near 1/sqrt(D)).
+    - ``cls_std_x_sqrt_d``: mean per-dimension std of the L2-normalised student CLS tokens times
+      sqrt(D) (collapse to one point: it falls towards 0; well-spread features give about 1).
     - ``log_k``: log of the number of prototypes, the DINO loss of uniform targets.
     """
     p = dino_targets.flatten(0, 1).float()  # (2B, K)
     ent = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
     mean_p = p.mean(0)
     in_use = torch.exp(-(mean_p * mean_p.clamp_min(1e-12).log()).sum())
-    std = F.normalize(student_cls.float(), dim=-1).std(0).mean()
-    return {"target_entropy": ent.item(), "prototypes_in_use": in_use.item(), "cls_std": std.item(),
+    std = F.normalize(student_cls.float(), dim=-1).std(0).mean() * math.sqrt(student_cls.shape[-1])
+    return {"target_entropy": ent.item(), "prototypes_in_use": in_use.item(), "cls_std_x_sqrt_d": std.item(),
             "log_k": math.log(p.shape[-1])}

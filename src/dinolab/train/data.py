@@ -1,0 +1,103 @@
+"""Training data: any unlabelled images -> multi-crop batches, deterministic by position.
+
+Every sample's augmentation is seeded from ``(seed, epoch, index)`` and every batch's masks from its
+samples' seeds, so a batch depends only on where it sits in the stream — not on worker count or
+on how many batches came before. That is what makes a killed run resume exactly.
+Undecodable images are skipped (counted in the batch as ``n_skipped``), never fatal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator, Sequence
+from functools import partial
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from dinolab.data.augment import MultiCropAugmentation
+from dinolab.data.collate import collate_multicrop
+from dinolab.data.images import BadImageError, list_images, load_rgb
+from dinolab.errors import DinolabError
+
+log = logging.getLogger(__name__)
+
+
+def training_items(source: str) -> Sequence[str] | np.ndarray:
+    """Image paths of a folder (recursive) / list file, or the decoded array of ``cifar10:train``."""
+    if source.startswith("cifar10:"):
+        from dinolab.data.datasets import load_cifar10
+
+        return load_cifar10(source.split(":", 1)[1]).items
+    return list_images(source)
+
+
+class StreamSampler(Sampler[tuple[int, int]]):
+    """Endless ``(index, sample_seed)`` stream: a fresh permutation per epoch, this rank's share of
+    it (strided), starting ``start`` samples into this rank's stream."""
+
+    def __init__(self, n: int, *, seed: int, rank: int = 0, world_size: int = 1, start: int = 0) -> None:
+        if n < world_size:
+            raise DinolabError(f"{n} training images cannot be shared by {world_size} processes")
+        self.n, self.seed, self.rank, self.world, self.start = n, seed, rank, world_size, start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        per_rank = self.n // self.world  # equal shares keep the ranks in step; the rest waits an epoch
+        epoch, offset = divmod(self.start, per_rank)
+        while True:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            order = torch.randperm(self.n, generator=g)[self.rank::self.world][:per_rank].tolist()
+            for pos in range(offset, per_rank):
+                yield order[pos], (self.seed * 1_000_003 + epoch) * 10_000_019 + order[pos]
+            epoch, offset = epoch + 1, 0
+
+
+class MultiCropDataset(Dataset):
+    """``(index, sample_seed)`` -> ``(index, seed, crops dict)`` or ``(index, seed, None)`` if bad."""
+
+    def __init__(self, items: Sequence[str] | np.ndarray, augment: MultiCropAugmentation) -> None:
+        self.items, self.augment = items, augment
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        item = self.items[index]
+        try:
+            img = Image.fromarray(np.asarray(item)) if isinstance(self.items, np.ndarray) else load_rgb(item)
+        except BadImageError as e:
+            log.debug("skipping %s", e)
+            return index, seed, None
+        with torch.random.fork_rng(devices=[]):  # seeded per sample, caller's RNG untouched
+            torch.manual_seed(seed % 2**63)
+            return index, seed, self.augment(img)
+
+
+def collate_stream(samples, *, grid: tuple[int, int], mask_probability: float, mask_ratio: tuple[float, float]):
+    """Drop bad samples, seed the masks from the samples' seeds, collate the rest."""
+    good = [(i, crops) for i, _, crops in samples if crops is not None]
+    if not good:
+        raise DinolabError("a whole batch of training images could not be decoded; check the data")
+    digest = hashlib.sha256(",".join(str(s) for _, s, _ in samples).encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    batch = collate_multicrop(good, grid=grid, mask_probability=mask_probability, mask_ratio=mask_ratio, rng=rng)
+    batch["n_skipped"] = len(samples) - len(good)
+    return batch
+
+
+def make_loader(items: Sequence[str] | np.ndarray, augment: MultiCropAugmentation, *, batch_size: int,
+                grid: tuple[int, int], mask_probability: float, mask_ratio: tuple[float, float], seed: int,
+                start: int = 0, num_workers: int = 0, rank: int = 0, world_size: int = 1,
+                pin_memory: bool = False) -> Iterator[dict]:
+    """An endless iterator of training batches starting ``start`` batches into this rank's stream."""
+    sampler = StreamSampler(len(items), seed=seed, rank=rank, world_size=world_size, start=start * batch_size)
+    collate = partial(collate_stream, grid=grid, mask_probability=mask_probability, mask_ratio=mask_ratio)
+    loader = DataLoader(MultiCropDataset(items, augment), sampler=sampler, batch_size=batch_size,
+                        collate_fn=collate, num_workers=num_workers, pin_memory=pin_memory,
+                        persistent_workers=num_workers > 0, drop_last=True,
+                        generator=torch.Generator().manual_seed(seed))  # leaves the global RNG alone
+    return iter(loader)

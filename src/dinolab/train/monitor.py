@@ -1,0 +1,92 @@
+"""Collapse monitoring and loss plots for pretraining runs.
+
+DINO-style training can collapse — every image mapped to the same output — most often on small or
+homogeneous custom data and small batches. Three signals, logged every step by ``SSLMetaArch``:
+
+- ``prototypes_in_use``: exp(entropy of the batch-mean teacher target). Healthy runs spread over
+  many prototypes; a collapsed teacher puts the whole batch on a handful (-> 1).
+- ``cls_std_x_sqrt_d``: per-dimension std of the L2-normalised student CLS tokens, times sqrt(D);
+  about 1 for well-spread features, -> 0 when all images give the same feature.
+- ``dino`` against ``log_k``: a DINO loss stuck at log K means uniform (uninformative) targets.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import deque
+from pathlib import Path
+
+from dinolab.io import atomic_save_figure
+
+ADVICE = ("usual remedies: a longer teacher-temperature warm-up (loss.warmup_teacher_temp_epochs) or a lower "
+          "teacher temperature, Sinkhorn-Knopp centering (loss.centering=sinkhorn_knopp), a larger batch, a "
+          "lower learning rate or longer warm-up (optim.base_lr, optim.warmup_epochs), KoLeo "
+          "(loss.koleo_weight), and checking that the images are varied enough")
+
+
+class CollapseMonitor:
+    """Keeps the recent collapse signals and turns them into warnings (checked every ``every`` steps
+    after ``grace`` steps, and at the end)."""
+
+    def __init__(self, out_dim: int, *, window: int = 20, grace: int = 100, every: int = 100) -> None:
+        self.out_dim, self.grace, self.every = out_dim, grace, every
+        self.recent: deque[dict] = deque(maxlen=window)
+        self.warnings: list[str] = []
+
+    def update(self, iteration: int, metrics: dict) -> None:
+        self.recent.append({k: metrics[k] for k in ("prototypes_in_use", "cls_std_x_sqrt_d", "dino", "log_k")})
+        if iteration >= self.grace and iteration % self.every == 0:
+            self.check(iteration)
+
+    def _mean(self, key: str) -> float:
+        return sum(r[key] for r in self.recent) / len(self.recent)
+
+    def check(self, iteration: int) -> list[str]:
+        """Warnings for the current window (also stored in ``self.warnings``, once each)."""
+        if not self.recent:
+            return []
+        found = []
+        in_use, spread = self._mean("prototypes_in_use"), self._mean("cls_std_x_sqrt_d")
+        dino, log_k = self._mean("dino"), self._mean("log_k")
+        if in_use < max(2.0, 0.01 * self.out_dim):
+            found.append(f"collapse suspected at iteration {iteration}: the teacher uses ~{in_use:.1f} of "
+                         f"{self.out_dim} prototypes")
+        if spread < 0.1:
+            found.append(f"collapse suspected at iteration {iteration}: student features have spread "
+                         f"{spread:.3f} (about 1 is healthy)")
+        if abs(dino - log_k) < 0.01 * log_k:
+            found.append(f"no learning signal at iteration {iteration}: DINO loss {dino:.3f} = log K {log_k:.3f}")
+        new = [f"{w}; {ADVICE}" for w in found]
+        self.warnings += [w for w in new if w not in self.warnings]
+        return new
+
+    def summary(self) -> dict:
+        """Last-window means of the signals and all warnings, for ``results.json``."""
+        if not self.recent:
+            return {"collapse_warnings": self.warnings}
+        keys = ("prototypes_in_use", "cls_std_x_sqrt_d", "dino", "log_k")
+        return {"final": {k: self._mean(k) for k in keys}, "collapse_warnings": self.warnings}
+
+
+def plot_losses(metrics_jsonl: Path, out_png: Path) -> Path | None:
+    """Loss components and collapse signals against iteration, from ``metrics.jsonl``."""
+    from matplotlib.figure import Figure
+
+    rows = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
+    if not rows:
+        return None
+    it = [r["iteration"] for r in rows]
+    fig = Figure(figsize=(10, 3.5))
+    ax1, ax2 = fig.subplots(1, 2)
+    for key in ("loss", "dino", "ibot", "koleo"):
+        ax1.plot(it, [r[key] for r in rows], label=key)
+    ax1.axhline(rows[-1]["log_k"], ls="--", c="grey", lw=0.8, label="log K")
+    ax1.set_xlabel("iteration")
+    ax1.legend(fontsize=8)
+    ax2.plot(it, [math.log10(max(r["prototypes_in_use"], 1.0)) for r in rows], label="log10 prototypes in use")
+    ax2.plot(it, [r["cls_std_x_sqrt_d"] for r in rows], label="CLS spread (std x sqrt D)")
+    ax2.set_xlabel("iteration")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    return atomic_save_figure(fig, out_png)
