@@ -125,7 +125,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from dinolab.train.loop import train
 
     cfg = load_config(args.config, args.overrides)
-    res = train(cfg, args.data, device=args.device, progress=not args.no_progress)
+    res = train(cfg, args.data, device=args.device, progress=not args.no_progress, eval_train=args.eval_train,
+                eval_test=args.eval_test)
     print(json.dumps(res, indent=1, default=str))
 
 
@@ -220,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "cpu-smoke) or a YAML file (may say `base: <preset>`)")
     p.add_argument("--data", required=True, help="a folder of images (recursive), a .txt list file, or cifar10:train")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.base_lr=1e-3 train.epochs=5")
+    p.add_argument("--eval-train", help="labelled kNN bank for periodic evaluation, e.g. cifar10:train")
+    p.add_argument("--eval-test", help="labelled kNN queries, e.g. cifar10:test (every train.eval_every its)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)

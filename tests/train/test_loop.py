@@ -46,6 +46,22 @@ def test_cpu_smoke_run_exports_a_loadable_backbone(images, tmp_path, capsys):
     assert out.cls_token.shape == (2, 192)
 
 
+def test_periodic_knn_evaluation(images, tmp_path):
+    labelled = tmp_path / "labelled"
+    rng = np.random.default_rng(1)
+    for c, rgb in enumerate([(200, 30, 30), (30, 30, 200)]):
+        (labelled / str(c)).mkdir(parents=True)
+        for i in range(6):
+            img = np.clip(np.array(rgb) + rng.normal(0, 10, (32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(labelled / str(c) / f"{i}.png")
+    cfg = load_config("cpu-smoke", [f"train.output_dir={tmp_path / 'run'}", "train.eval_every=3"])
+    res = loop.train(cfg, str(images), device="cpu", progress=False, eval_train=str(labelled),
+                     eval_test=str(labelled))
+    assert [r["iteration"] for r in res["knn"]] == [3, 6]
+    assert all(0 <= r["knn_top1"] <= 100 for r in res["knn"])
+    assert len((tmp_path / "run" / "knn.jsonl").read_text().splitlines()) == 2
+
+
 def _teacher(run_dir):
     return torch.load(run_dir / "teacher_backbone.pth", weights_only=True)
 

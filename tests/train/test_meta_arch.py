@@ -73,3 +73,14 @@ def test_teacher_starts_as_a_frozen_copy():
     arch = _arch()
     for t, s in zip(arch.teacher.parameters(), arch.student.parameters()):
         assert torch.equal(t, s) and not t.requires_grad and s.requires_grad
+
+
+def test_teacher_has_no_stochastic_depth():
+    from dinolab.models.layers import DropPath
+
+    arch = _arch()
+    arch.student["backbone"].blocks[0].drop_path1.p = 0.3  # student keeps its rate
+    arch2 = SSLMetaArch(arch.student["backbone"], arch.student["dino_head"], arch.student["ibot_head"],
+                        dino_centering=SoftmaxCentering(64), ibot_centering=SoftmaxCentering(64))
+    assert all(m.p == 0.0 for m in arch2.teacher.modules() if isinstance(m, DropPath))
+    assert arch2.student["backbone"].blocks[0].drop_path1.p == 0.3

@@ -53,8 +53,36 @@ def _resume(run_dir: Path, arch, optimizer) -> int:
     return int(state["iteration"])
 
 
-def train(cfg: Config, data: str, *, device: str | None = None, progress: bool = True) -> dict:
-    """Pretrain on the images of ``data`` (folder, list file, or ``cifar10:train``); see module doc."""
+class KnnMonitor:
+    """Periodic kNN accuracy of the teacher backbone on a labelled (train, test) pair (k=20, T=0.07)."""
+
+    def __init__(self, train_spec: str, test_spec: str, crop: int, run_dir: Path) -> None:
+        from dinolab.data.datasets import resolve_dataset
+
+        self.train, self.test = resolve_dataset(train_spec), resolve_dataset(test_spec)
+        self.resize = crop if crop <= 64 else round(crop * 256 / 224)  # small images: no resize margin
+        self.crop, self.path, self.history = crop, run_dir / "knn.jsonl", []
+
+    def __call__(self, backbone: torch.nn.Module, iteration: int) -> float:
+        from dinolab.eval.jobs import run_knn
+
+        res = run_knn(backbone, self.train, self.test, ks=(20,), resize=self.resize, crop=self.crop,
+                      progress=False, model_id=f"teacher@{iteration}")
+        row = {"iteration": iteration, "knn_top1": res["top1"]["20"], "knn_top5": res["top5"]["20"]}
+        self.history.append(row)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        log.info("iteration %d: kNN (k=20) top-1 %.2f", iteration, row["knn_top1"])
+        return row["knn_top1"]
+
+
+def train(cfg: Config, data: str, *, device: str | None = None, progress: bool = True,
+          eval_train: str | None = None, eval_test: str | None = None) -> dict:
+    """Pretrain on the images of ``data`` (folder, list file, or ``cifar10:train``); see module doc.
+
+    With ``eval_train`` and ``eval_test`` (dataset specs, e.g. ``cifar10:train`` / ``cifar10:test``)
+    the teacher is evaluated by kNN every ``train.eval_every`` iterations and at the end.
+    """
     from tqdm.auto import tqdm
 
     run_dir = Path(cfg.train.output_dir)
@@ -78,6 +106,7 @@ def train(cfg: Config, data: str, *, device: str | None = None, progress: bool =
                           pin_memory=dev.type == "cuda")
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision) if dev.type == "cuda" else None
     monitor = CollapseMonitor(out_dim=cfg.head.out_dim)
+    knn = KnnMonitor(eval_train, eval_test, cfg.crops.global_size, run_dir) if eval_train and eval_test else None
     student_params = [p for p in arch.student.parameters() if p.requires_grad]
     nonfinite, skipped_images, t0 = 0, 0, time.perf_counter()
     log.info("training %d iterations (%d per epoch) on %d images, %s", total - start, ipe, len(items), dev)
@@ -112,6 +141,8 @@ def train(cfg: Config, data: str, *, device: str | None = None, progress: bool =
                 bar.set_postfix(loss=f"{m['loss']:.3f}", dino=f"{m['dino']:.3f}", ibot=f"{m['ibot']:.3f}",
                                 lr=f"{v.lr:.1e}", img_s=f"{m['images_per_s']:.0f}")
             bar.update()
+            if knn and cfg.train.eval_every and (it + 1) % cfg.train.eval_every == 0 and it + 1 < total:
+                knn(arch.teacher["backbone"], it + 1)
             every = cfg.train.checkpoint_every
             if stop.requested or it + 1 == total or (every and (it + 1) % every == 0):
                 save_checkpoint(run_dir, it + 1, {"model": arch.state_dict(), "optimizer": optimizer.state_dict(),
@@ -119,15 +150,21 @@ def train(cfg: Config, data: str, *, device: str | None = None, progress: bool =
             if stop.requested:
                 log.warning("stop requested: checkpoint saved at iteration %d; run the same command to resume", it + 1)
                 return {"stopped_at": it + 1}
-    return _finish(run_dir, arch, monitor, total, skipped_images, time.perf_counter() - t0)
+    train_seconds = time.perf_counter() - t0
+    if knn:
+        knn(arch.teacher["backbone"], total)
+    return _finish(run_dir, arch, monitor, total, skipped_images, train_seconds, knn)
 
 
-def _finish(run_dir: Path, arch, monitor, total: int, skipped_images: int, seconds: float) -> dict:
+def _finish(run_dir: Path, arch, monitor, total: int, skipped_images: int, seconds: float,
+            knn: KnnMonitor | None) -> dict:
     """Export the teacher backbone, plot the losses, write results.json."""
     export = save_official(arch.teacher["backbone"], run_dir / "teacher_backbone.pth")
     plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
     results = {"iterations": total, "teacher_backbone": str(export), "skipped_images": skipped_images,
-               "wall_s_this_session": seconds, **monitor.summary()}
+               "train_wall_s_this_session": seconds, **monitor.summary()}
+    if knn:
+        results["knn"] = knn.history
     atomic_write_json(run_dir / "results.json", results)
     for warning in monitor.warnings:
         log.warning(warning)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dinolab.losses import DINOLoss, KoLeoLoss, TeacherCentering, dino_loss_term_count, iBOTPatchLoss
+from dinolab.models.layers import DropPath
 from dinolab.train.ema import ema_update_module_
 
 
@@ -54,6 +55,9 @@ class SSLMetaArch(nn.Module):
         if not self.shared_heads:
             self.student["ibot_head"] = ibot_head
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
+        for m in self.teacher.modules():  # the teacher has no stochastic depth (official: rate 0)
+            if isinstance(m, DropPath):
+                m.p = 0.0
         self.dino_centering, self.ibot_centering = dino_centering, ibot_centering
         self.weights = weights
         self.dino_loss, self.ibot_loss = DINOLoss(student_temp), iBOTPatchLoss(student_temp)
