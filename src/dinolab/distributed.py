@@ -85,6 +85,16 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
+def all_reduce_sum(t: Tensor) -> Tensor:
+    """Sum ``t`` over all processes, in place, and return it (the ``Reduce`` of ``dinolab.losses``).
+
+    The identity in a single process. With nccl, ``t`` must live on this process's GPU.
+    """
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
 def all_gather_uneven(t: Tensor) -> list[Tensor]:
     """Gather ``t`` from every rank when the ranks' first dimensions differ (0 allowed).
 
