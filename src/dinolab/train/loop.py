@@ -13,11 +13,13 @@ import logging
 import math
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from dinolab.config import Config, config_to_dict, iters_per_epoch, save_config
+from dinolab.distributed import all_reduce_sum, get_rank, get_world_size, init_distributed
 from dinolab.errors import DinolabError
 from dinolab.io import atomic_write_json
 from dinolab.models.checkpoints import save_official
@@ -30,8 +32,9 @@ from dinolab.train.build import (
 )
 from dinolab.train.checkpointing import GracefulExit, latest_checkpoint, load_checkpoint, save_checkpoint
 from dinolab.train.data import make_loader, training_items
-from dinolab.train.monitor import CollapseMonitor, plot_losses
+from dinolab.train.monitor import CollapseMonitor, KnnMonitor, plot_losses
 from dinolab.train.optim import apply_schedules
+from dinolab.train.parallelize import parallelize, unwrap
 
 log = logging.getLogger(__name__)
 MAX_NONFINITE = 10  # consecutive non-finite losses before the run stops
@@ -41,86 +44,122 @@ def _move(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def _resume(run_dir: Path, arch, optimizer) -> int:
-    """Load the newest checkpoint of ``run_dir`` (models, optimizer, centering, RNG); its iteration."""
+def _resume(run_dir: Path, arch, optimizer, rank: int, world: int, seed: int) -> int:
+    """Load the newest checkpoint of ``run_dir`` (models, optimizer, centering, RNG); its iteration.
+
+    One process restores the saved RNG exactly; with several, each rank re-seeds from
+    (seed, rank, iteration) instead (the checkpoint holds rank 0's RNG only)."""
     path = latest_checkpoint(run_dir)
     if path is None:
         return 0
-    state = load_checkpoint(path)
+    state = load_checkpoint(path, restore_rng=world == 1)
     arch.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    if world > 1:
+        torch.manual_seed(seed + 1000 * int(state["iteration"]) + rank)
     log.info("resumed from %s (iteration %d)", path, state["iteration"])
     return int(state["iteration"])
 
 
-class KnnMonitor:
-    """Periodic kNN accuracy of the teacher backbone on a labelled (train, test) pair (k=20, T=0.07)."""
+@dataclass
+class _Run:
+    """Everything a training run holds; built once by ``_setup``."""
 
-    def __init__(self, train_spec: str, test_spec: str, crop: int, run_dir: Path) -> None:
-        from dinolab.data.datasets import resolve_dataset
+    cfg: Config
+    run_dir: Path
+    dev: torch.device
+    rank: int
+    world: int
+    arch: torch.nn.Module  # possibly wrapped (DDP); ``plain`` shares its parameters, unwrapped
+    plain: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    schedules: object
+    n_images: int
+    iters_per_epoch: int
+    start: int
+    amp: torch.dtype | None
 
-        self.train, self.test = resolve_dataset(train_spec), resolve_dataset(test_spec)
-        self.resize = crop if crop <= 64 else round(crop * 256 / 224)  # small images: no resize margin
-        self.crop, self.path, self.history = crop, run_dir / "knn.jsonl", []
 
-    def __call__(self, backbone: torch.nn.Module, iteration: int) -> float:
-        from dinolab.eval.jobs import run_knn
+def _setup(cfg: Config, data: str, device: str | None) -> tuple[_Run, object]:
+    """Process group, model, optimizer, schedules, resume, data stream."""
+    distributed = init_distributed()  # no-op without torchrun
+    rank, world = get_rank(), get_world_size()
+    run_dir = Path(cfg.train.output_dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    cuda = torch.cuda.is_available() and device != "cpu"
+    dev = torch.device("cuda", torch.cuda.current_device()) if cuda and distributed else torch.device(
+        device or ("cuda" if cuda else "cpu"))
+    torch.manual_seed(cfg.train.seed)  # the same on every rank: DDP broadcasts the student, not the teacher
+    items = training_items(data)
+    ipe = iters_per_epoch(cfg, len(items), world)
+    schedules = build_training_schedules(cfg, ipe, world_size=world)
+    arch = build_arch(cfg, reduce=all_reduce_sum if distributed else None).to(dev)
+    optimizer = build_optimizer(cfg, arch)
+    start = _resume(run_dir, arch, optimizer, rank, world, cfg.train.seed)
+    arch = parallelize(arch, device=dev, mode="ddp" if distributed else "none")
+    if distributed and start == 0:
+        torch.manual_seed(cfg.train.seed + rank)  # different stochastic-depth draws per rank
+    batches = make_loader(items, build_augmentation(cfg), batch_size=cfg.train.batch_size_per_gpu,
+                          grid=mask_grid(cfg), mask_probability=cfg.mask.probability, mask_ratio=cfg.mask.ratio,
+                          seed=cfg.train.seed, start=start, num_workers=cfg.train.num_workers,
+                          rank=rank, world_size=world, pin_memory=dev.type == "cuda")
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision) if dev.type == "cuda" else None
+    run = _Run(cfg, run_dir, dev, rank, world, arch, unwrap(arch), optimizer, schedules, len(items), ipe, start, amp)
+    return run, batches
 
-        res = run_knn(backbone, self.train, self.test, ks=(20,), resize=self.resize, crop=self.crop,
-                      progress=False, model_id=f"teacher@{iteration}")
-        row = {"iteration": iteration, "knn_top1": res["top1"]["20"], "knn_top5": res["top5"]["20"]}
-        self.history.append(row)
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        log.info("iteration %d: kNN (k=20) top-1 %.2f", iteration, row["knn_top1"])
-        return row["knn_top1"]
+
+def _agree(flag: bool, dev: torch.device) -> bool:
+    """True on every rank if ``flag`` is true on any rank (so all ranks take the same branch)."""
+    return bool(all_reduce_sum(torch.tensor([float(flag)], device=dev)).item() > 0)
+
+
+def _step(run: _Run, batch: dict, it: int) -> dict | None:
+    """One optimisation step; None when the loss was non-finite on some rank (step skipped)."""
+    v = run.schedules.at(it)
+    apply_schedules(run.optimizer, v.lr, v.wd, v.last_layer_lr)
+    run.optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(run.dev.type, run.amp) if run.amp else nullcontext():
+        loss, m = run.arch.forward_backward(batch, teacher_temp=v.teacher_temp)
+    if _agree(not math.isfinite(loss.item()), run.dev):
+        return None
+    if run.cfg.optim.clip_grad:
+        params = [p for p in run.arch.student.parameters() if p.requires_grad]
+        m["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, run.cfg.optim.clip_grad).item()
+    run.optimizer.step()
+    run.arch.update_teacher(v.momentum)
+    m.update(iteration=it + 1, lr=v.lr, wd=v.wd, momentum=v.momentum, teacher_temp=v.teacher_temp)
+    return m
 
 
 def train(cfg: Config, data: str, *, device: str | None = None, progress: bool = True,
           eval_train: str | None = None, eval_test: str | None = None) -> dict:
     """Pretrain on the images of ``data`` (folder, list file, or ``cifar10:train``); see module doc.
 
+    Under ``torchrun`` each process trains on its share of every batch (DDP); rank 0 writes.
     With ``eval_train`` and ``eval_test`` (dataset specs, e.g. ``cifar10:train`` / ``cifar10:test``)
     the teacher is evaluated by kNN every ``train.eval_every`` iterations and at the end.
     """
     from tqdm.auto import tqdm
 
-    run_dir = Path(cfg.train.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.manual_seed(cfg.train.seed)
-    items = training_items(data)
-    ipe = iters_per_epoch(cfg, len(items))
-    schedules = build_training_schedules(cfg, ipe)
-    arch = build_arch(cfg).to(dev)
-    optimizer = build_optimizer(cfg, arch)
-    start = _resume(run_dir, arch, optimizer)
-    total = schedules.total_iters
-    if start >= total:
+    run, batches = _setup(cfg, data, device)
+    total, main_rank = run.schedules.total_iters, run.rank == 0
+    if run.start >= total:
         log.info("run already finished (%d iterations)", total)
-        return json.loads((run_dir / "results.json").read_text())
-    batches = make_loader(items, build_augmentation(cfg), batch_size=cfg.train.batch_size_per_gpu,
-                          grid=mask_grid(cfg), mask_probability=cfg.mask.probability, mask_ratio=cfg.mask.ratio,
-                          seed=cfg.train.seed, start=start, num_workers=cfg.train.num_workers,
-                          pin_memory=dev.type == "cuda")
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision) if dev.type == "cuda" else None
+        return json.loads((run.run_dir / "results.json").read_text())
     monitor = CollapseMonitor(out_dim=cfg.head.out_dim)
-    knn = KnnMonitor(eval_train, eval_test, cfg.crops.global_size, run_dir) if eval_train and eval_test else None
-    student_params = [p for p in arch.student.parameters() if p.requires_grad]
+    knn = KnnMonitor(eval_train, eval_test, cfg.crops.global_size, run.run_dir) if eval_train and eval_test else None
     nonfinite, skipped_images, t0 = 0, 0, time.perf_counter()
-    log.info("training %d iterations (%d per epoch) on %d images, %s", total - start, ipe, len(items), dev)
-    with GracefulExit() as stop, tqdm(total=total, initial=start, disable=not progress, unit="it") as bar, \
-            (run_dir / "metrics.jsonl").open("a") as metrics_file:
-        for it in range(start, total):
-            batch = _move(next(batches), dev)
+    log.info("training %d iterations (%d per epoch) on %d images, %s x %d", total - run.start,
+             run.iters_per_epoch, run.n_images, run.dev, run.world)
+    with GracefulExit() as stop, tqdm(total=total, initial=run.start, disable=not (progress and main_rank),
+                                      unit="it") as bar:
+        for it in range(run.start, total):
+            batch = _move(next(batches), run.dev)
             skipped_images += int(batch.pop("n_skipped"))
-            v = schedules.at(it)
-            apply_schedules(optimizer, v.lr, v.wd, v.last_layer_lr)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(dev.type, amp) if amp else nullcontext():
-                loss, m = arch.forward_backward(batch, teacher_temp=v.teacher_temp)
-            if not math.isfinite(loss.item()):
+            m = _step(run, batch, it)
+            if m is None:
                 nonfinite += 1
                 log.warning("non-finite loss at iteration %d (%d in a row): step skipped", it, nonfinite)
                 if nonfinite >= MAX_NONFINITE:
@@ -128,32 +167,39 @@ def train(cfg: Config, data: str, *, device: str | None = None, progress: bool =
                                        "optim.base_lr, raise optim.warmup_epochs, or use train.precision=fp32")
                 continue
             nonfinite = 0
-            if cfg.optim.clip_grad:
-                m["grad_norm"] = torch.nn.utils.clip_grad_norm_(student_params, cfg.optim.clip_grad).item()
-            optimizer.step()
-            arch.update_teacher(v.momentum)
             monitor.update(it, m)
-            m.update(iteration=it + 1, lr=v.lr, wd=v.wd, momentum=v.momentum, teacher_temp=v.teacher_temp,
-                     images_per_s=(it + 1 - start) * cfg.train.batch_size_per_gpu / (time.perf_counter() - t0))
-            if (it + 1) % max(cfg.train.log_every, 1) == 0 or it + 1 == total:
-                metrics_file.write(json.dumps(m) + "\n")
-                metrics_file.flush()
-                bar.set_postfix(loss=f"{m['loss']:.3f}", dino=f"{m['dino']:.3f}", ibot=f"{m['ibot']:.3f}",
-                                lr=f"{v.lr:.1e}", img_s=f"{m['images_per_s']:.0f}")
+            m["images_per_s"] = (it + 1 - run.start) * cfg.train.batch_size_per_gpu * run.world / (
+                time.perf_counter() - t0)
+            if main_rank:
+                _log(run, m, bar, last=it + 1 == total)
             bar.update()
             if knn and cfg.train.eval_every and (it + 1) % cfg.train.eval_every == 0 and it + 1 < total:
-                knn(arch.teacher["backbone"], it + 1)
+                knn(run.plain.teacher["backbone"], it + 1)
+            stopping = _agree(stop.requested, run.dev)
             every = cfg.train.checkpoint_every
-            if stop.requested or it + 1 == total or (every and (it + 1) % every == 0):
-                save_checkpoint(run_dir, it + 1, {"model": arch.state_dict(), "optimizer": optimizer.state_dict(),
-                                                  "config": config_to_dict(cfg)}, keep_last=cfg.train.keep_last)
-            if stop.requested:
+            if main_rank and (stopping or it + 1 == total or (every and (it + 1) % every == 0)):
+                save_checkpoint(run.run_dir, it + 1, {"model": run.plain.state_dict(),
+                                                      "optimizer": run.optimizer.state_dict(),
+                                                      "config": config_to_dict(cfg)}, keep_last=cfg.train.keep_last)
+            if stopping:
                 log.warning("stop requested: checkpoint saved at iteration %d; run the same command to resume", it + 1)
                 return {"stopped_at": it + 1}
     train_seconds = time.perf_counter() - t0
     if knn:
-        knn(arch.teacher["backbone"], total)
-    return _finish(run_dir, arch, monitor, total, skipped_images, train_seconds, knn)
+        knn(run.plain.teacher["backbone"], total)
+    if not main_rank:
+        return {"iterations": total}
+    return _finish(run.run_dir, run.plain, monitor, total, skipped_images, train_seconds, knn)
+
+
+def _log(run: _Run, m: dict, bar, *, last: bool) -> None:
+    """Append the step's metrics to metrics.jsonl (every ``train.log_every``) and show them."""
+    if m["iteration"] % max(run.cfg.train.log_every, 1) and not last:
+        return
+    with (run.run_dir / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(m) + "\n")
+    bar.set_postfix(loss=f"{m['loss']:.3f}", dino=f"{m['dino']:.3f}", ibot=f"{m['ibot']:.3f}",
+                    lr=f"{m['lr']:.1e}", img_s=f"{m['images_per_s']:.0f}")
 
 
 def _finish(run_dir: Path, arch, monitor, total: int, skipped_images: int, seconds: float,

@@ -13,11 +13,14 @@ homogeneous custom data and small batches. Three signals, logged every step by `
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections import deque
 from pathlib import Path
 
 from dinolab.io import atomic_save_figure
+
+log = logging.getLogger(__name__)
 
 ADVICE = ("usual remedies: a longer teacher-temperature warm-up (loss.warmup_teacher_temp_epochs) or a lower "
           "teacher temperature, Sinkhorn-Knopp centering (loss.centering=sinkhorn_knopp), a larger batch, a "
@@ -90,3 +93,31 @@ def plot_losses(metrics_jsonl: Path, out_png: Path) -> Path | None:
     ax2.legend(fontsize=8)
     fig.tight_layout()
     return atomic_save_figure(fig, out_png)
+
+
+class KnnMonitor:
+    """Periodic kNN accuracy of the teacher backbone on a labelled (train, test) pair (k=20, T=0.07).
+
+    Under torchrun every rank must call it (feature extraction is sharded); rank 0 writes ``knn.jsonl``.
+    """
+
+    def __init__(self, train_spec: str, test_spec: str, crop: int, run_dir: Path) -> None:
+        from dinolab.data.datasets import resolve_dataset
+
+        self.train, self.test = resolve_dataset(train_spec), resolve_dataset(test_spec)
+        self.resize = crop if crop <= 64 else round(crop * 256 / 224)  # small images: no resize margin
+        self.crop, self.path, self.history = crop, run_dir / "knn.jsonl", []
+
+    def __call__(self, backbone, iteration: int) -> float:
+        from dinolab.distributed import get_rank
+        from dinolab.eval.jobs import run_knn
+
+        res = run_knn(backbone, self.train, self.test, ks=(20,), resize=self.resize, crop=self.crop,
+                      progress=False, model_id=f"teacher@{iteration}")
+        row = {"iteration": iteration, "knn_top1": res["top1"]["20"], "knn_top5": res["top5"]["20"]}
+        self.history.append(row)
+        if get_rank() == 0:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        log.info("iteration %d: kNN (k=20) top-1 %.2f", iteration, row["knn_top1"])
+        return row["knn_top1"]

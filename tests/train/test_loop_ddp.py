@@ -1,0 +1,51 @@
+"""`train()` under two gloo processes (what torchrun does): ranks stay in sync, rank 0 writes."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import numpy as np
+import torch
+import torch.multiprocessing as mp
+from PIL import Image
+
+from dinolab.models import load_model
+
+
+def _worker(rank: int, port: int, images: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from dinolab.config import load_config
+    from dinolab.train.loop import train
+
+    cfg = load_config("cpu-smoke", [f"train.output_dir={out}", "train.batch_size_per_gpu=8"])
+    res = train(cfg, images, device="cpu", progress=False)
+    torch.save(res, os.path.join(out, f"result-rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_training_writes_one_loadable_run(tmp_path):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)).save(images / f"{i:03d}.png")
+    out = tmp_path / "run"
+    mp.start_processes(_worker, args=(_free_port(), str(images), str(out)), nprocs=2, join=True,
+                       start_method="spawn")
+    assert (out / "results.json").exists()
+    rank0, rank1 = (torch.load(out / f"result-rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert rank0["iterations"] == rank1["iterations"] == 6 and "teacher_backbone" in rank0
+    assert len(list((out / "checkpoints").glob("ckpt-*.pt"))) == 2  # keep_last=2, written by rank 0 only
+    backbone = load_model(out / "teacher_backbone.pth")
+    assert backbone(torch.randn(1, 3, 32, 32)).cls_token.shape == (1, 192)
