@@ -16,16 +16,11 @@ from torchvision.transforms import v2
 
 from dinolab.data.augment import BLUR_PROBABILITIES, MultiCropAugmentation, blur_step
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 DRAWS = 4000
 TOLERANCE = 0.03  # > 4 standard deviations of a rate measured over 4000 draws (sd <= 0.0079)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _image(h: int, w: int, mode: str = "RGB") -> Image.Image:

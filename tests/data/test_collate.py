@@ -17,12 +17,7 @@ G, L, GRID, N_LOCAL = 32, 16, (8, 8), 4
 N = GRID[0] * GRID[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sample(b: int, n_local: int = N_LOCAL) -> dict[str, list[torch.Tensor]]:

@@ -16,12 +16,7 @@ from dinolab.data.masking import BlockMaskGenerator, sample_batch_masks
 SHORTFALL = 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _components(mask: np.ndarray) -> list[int]:

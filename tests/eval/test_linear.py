@@ -15,17 +15,11 @@ from dinolab.eval.linear import linear_probe
 from dinolab.eval.linear_grid import cosine_factor, linear_input, scale_lr, train_linear_grid
 from dinolab.models import create_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 KW = {"resize": 32, "crop": 32, "batch_size": 32, "progress": False, "device": "cpu"}
 COLOURS = np.array([(220, 30, 30), (30, 200, 40), (40, 40, 230)])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The work is tiny: one thread is faster than contending for cores with other test runs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,6 @@ import torch
 from torch import Tensor
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class LockstepAllReduce:
     """An in-place all-reduce SUM among ``world`` Python threads: rank r calls ``reduce(r)(t)``."""
 
@@ -63,3 +55,8 @@ def _run_ranks(fns: list[Callable[[Callable[[Tensor], Tensor]], object]]) -> lis
 @pytest.fixture
 def run_ranks():
     return _run_ranks
+
+
+@pytest.fixture(autouse=True)
+def _single_thread(one_thread):
+    """Every loss test runs on one thread (the shared ``one_thread`` fixture)."""

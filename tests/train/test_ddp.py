@@ -38,12 +38,7 @@ CASES = {  # name -> (config overrides, activation checkpointing in the DDP run)
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _arch(case: str, reduce=None):

@@ -4,13 +4,7 @@ from torch import nn
 
 from dinolab.train.ema import ema_update_, ema_update_module_
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _net(seed: int) -> nn.Module:

@@ -13,6 +13,8 @@ from dinolab.errors import DinolabError
 from dinolab.models import load_model
 from dinolab.train import loop
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
@@ -22,14 +24,6 @@ def images(tmp_path_factory):
         Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)).save(root / f"{i:03d}.png")
     (root / "broken.png").write_bytes(b"not an image")  # counted and skipped, never fatal
     return root
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_cpu_smoke_run_exports_a_loadable_backbone(images, tmp_path, capsys):

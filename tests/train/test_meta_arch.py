@@ -12,13 +12,7 @@ from dinolab.models import create_model
 from dinolab.models.heads import DINOHead
 from dinolab.train.meta_arch import LossWeights, SSLMetaArch
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(n_images=4, n_local=2, seed=0):

@@ -9,12 +9,7 @@ DEPTH, RATE = 4, 0.9
 TOKENS = ("cls_token", "pos_embed", "mask_token", "register_tokens")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class FakeHead(nn.Module):
