@@ -94,10 +94,9 @@ def run_knn(model: nn.Module, train: LabeledImages, test: LabeledImages, *, mode
     opts = {"ks": list(ks), "temperature": temperature, "resize": resize, "crop": crop}
     res = _header("knn", model_id, train, test, opts)
     t0 = time.perf_counter()
-    kw = {"resize": resize, "crop": crop, "batch_size": batch_size, "device": device, "num_workers": num_workers,
-              "progress": progress}
-    xtr, ytr = labeled_features(model, train, **kw)
-    xte, yte = labeled_features(model, test, **kw)
+    (xtr, ytr), (xte, yte) = (labeled_features(model, ds, resize=resize, crop=crop, batch_size=batch_size,
+                                              device=device, num_workers=num_workers, progress=progress)
+                              for ds in (train, test))
     t1 = time.perf_counter()
     knn = knn_classify(xtr, ytr, xte, test_labels=yte, num_classes=len(train.classes), ks=ks,
                        temperature=temperature, device=device)
@@ -119,10 +118,9 @@ def run_logreg(model: nn.Module, train: LabeledImages, test: LabeledImages, *, m
     res = _header("logreg", model_id, train, test, {"resize": resize, "crop": crop, "val_fraction": val_fraction,
                                                      "seed": seed, **grid_kw})
     t0 = time.perf_counter()
-    kw = {"resize": resize, "crop": crop, "batch_size": batch_size, "device": device, "num_workers": num_workers,
-              "progress": progress}
-    xtr, ytr = labeled_features(model, train, **kw)
-    xte, yte = labeled_features(model, test, **kw)
+    (xtr, ytr), (xte, yte) = (labeled_features(model, ds, resize=resize, crop=crop, batch_size=batch_size,
+                                              device=device, num_workers=num_workers, progress=progress)
+                              for ds in (train, test))
     t1 = time.perf_counter()
     lr = logreg_grid(xtr, ytr, xte, yte, num_classes=len(train.classes), val_fraction=val_fraction, seed=seed,
                      device=device, **grid_kw)
