@@ -84,3 +84,25 @@ def test_non_finite_losses_stop_the_run_with_advice(images, tmp_path, monkeypatc
     cfg = load_config("cpu-smoke", [f"train.output_dir={tmp_path}"])
     with pytest.raises(DinolabError, match="non-finite"):
         loop.train(cfg, str(images), device="cpu", progress=False)
+
+
+def test_training_reads_tar_shards(images, tmp_path):
+    import tarfile
+
+    from dinolab.train.data import TarMember, tar_members, training_items
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    files = sorted(images.glob("*.png"))
+    for s in range(2):
+        with tarfile.open(shards / f"shard-{s:03d}.tar", "w") as tf:
+            for f in files[s::2]:
+                tf.add(f, arcname=f"{s}/{f.name}")
+    items = training_items(str(shards))
+    assert len(items) == len(files) and isinstance(items[0], TarMember)
+    assert items[0].read() == (images / items[0].name.split("/")[1]).read_bytes()
+    cfg = load_config("cpu-smoke", [f"train.output_dir={tmp_path / 'run'}"])
+    res = loop.train(cfg, str(shards), device="cpu", progress=False)
+    assert res["iterations"] == 6 and res["skipped_images"] >= 1  # the broken PNG is in a shard too
+    with pytest.raises(DinolabError, match="uncompressed"):
+        tar_members([tmp_path / "x.tar.gz"])

@@ -1,5 +1,8 @@
 """Training data: any unlabelled images -> multi-crop batches, deterministic by position.
 
+Sources: a folder (recursive), a list file, ``.tar`` shards (a shard or a folder of shards; members
+read by byte offset, so no extraction and no per-worker index rebuild), or ``cifar10:train``.
+
 Every sample's augmentation is seeded from ``(seed, epoch, index)`` and every batch's masks from its
 samples' seeds, so a batch depends only on where it sits in the stream — not on worker count or
 on how many batches came before. That is what makes a killed run resume exactly.
@@ -9,9 +12,13 @@ Undecodable images are skipped (counted in the batch as ``n_skipped``), never fa
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
+import tarfile
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,19 +27,68 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dinolab.data.augment import MultiCropAugmentation
 from dinolab.data.collate import collate_multicrop
-from dinolab.data.images import BadImageError, list_images, load_rgb
+from dinolab.data.images import IMAGE_EXTENSIONS, BadImageError, list_images, load_rgb, to_rgb
 from dinolab.errors import DinolabError
 
 log = logging.getLogger(__name__)
 
 
-def training_items(source: str) -> Sequence[str] | np.ndarray:
-    """Image paths of a folder (recursive) / list file, or the decoded array of ``cifar10:train``."""
+@dataclass(frozen=True)
+class TarMember:
+    """An image stored inside an uncompressed tar shard, read by offset (no extraction)."""
+
+    shard: str
+    name: str
+    offset: int
+    size: int
+
+    def read(self) -> bytes:
+        with open(self.shard, "rb") as f:
+            f.seek(self.offset)
+            return f.read(self.size)
+
+
+def tar_members(shards: Sequence[str | Path]) -> list[TarMember]:
+    """Index the image members of uncompressed ``.tar`` shards (WebDataset-style), in shard order."""
+    out = []
+    for shard in shards:
+        if str(shard).endswith((".gz", ".tgz")):
+            raise DinolabError(f"{shard}: compressed tars cannot be read by offset; use uncompressed .tar "
+                               "shards (tar -cf) or extract the images into a folder")
+        with tarfile.open(shard, "r:") as tf:
+            out += [TarMember(str(shard), m.name, m.offset_data, m.size) for m in tf.getmembers()
+                    if m.isfile() and m.name.lower().endswith(IMAGE_EXTENSIONS)]
+    if not out:
+        raise DinolabError(f"no images found in the tar shards {list(map(str, shards))[:3]}")
+    return out
+
+
+def training_items(source: str) -> Sequence[str | TarMember] | np.ndarray:
+    """What to train on: ``cifar10:train`` (decoded array), a ``.tar`` shard or a folder holding only
+    ``.tar`` shards (images read by offset), else a folder of images (recursive) or a list file."""
     if source.startswith("cifar10:"):
         from dinolab.data.datasets import load_cifar10
 
         return load_cifar10(source.split(":", 1)[1]).items
+    path = Path(source)
+    shards = sorted(path.glob("*.tar")) if path.is_dir() else [path] if path.suffix == ".tar" else []
+    if shards and (path.is_file() or not any(p.is_file() and p.suffix != ".tar" for p in path.iterdir())):
+        return tar_members(shards)
     return list_images(source)
+
+
+def _decode(item: str | TarMember | np.ndarray) -> Image.Image:
+    """PIL RGB image of one training item; ``BadImageError`` when it cannot be decoded."""
+    if isinstance(item, np.ndarray):
+        return Image.fromarray(item)
+    if isinstance(item, TarMember):
+        try:
+            with Image.open(io.BytesIO(item.read())) as img:
+                img.load()
+                return to_rgb(img)
+        except Exception as e:
+            raise BadImageError(f"{item.shard}::{item.name}", f"{type(e).__name__}: {e}") from e
+    return load_rgb(item)
 
 
 class StreamSampler(Sampler[tuple[int, int]]):
@@ -68,7 +124,7 @@ class MultiCropDataset(Dataset):
         index, seed = key
         item = self.items[index]
         try:
-            img = Image.fromarray(np.asarray(item)) if isinstance(self.items, np.ndarray) else load_rgb(item)
+            img = _decode(item)
         except BadImageError as e:
             log.debug("skipping %s", e)
             return index, seed, None
