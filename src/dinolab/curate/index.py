@@ -1,0 +1,327 @@
+"""Exact cosine retrieval in torch, plus label-based retrieval metrics.
+
+``ExactIndex`` holds L2-normalised features (N, D), one id per row and the id of the model that
+produced them. ``search`` is brute force but chunked over queries *and* database rows with a
+running top-k merge, so memory is O(query_chunk x db_chunk), never O(M x N): a 1M-vector database
+does not need an M x N similarity matrix. It runs on the GPU when built with ``device="cuda"``.
+
+Approximate indexes (faiss IVF / HNSW) for pools far larger than this are not implemented yet;
+they will sit beside ``ExactIndex`` with the same ``search`` / ``save`` / ``load`` shape.
+
+Folder written by ``ExactIndex.save``::
+
+    features.npy   float32 (N, D), rows L2-normalised
+    ids.txt        one id per line, same row order
+    meta.json      {"format", "version", "model_id", "dim", "count"} (written last: the index is complete)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dinolab.errors import DinolabError
+from dinolab.io import atomic_write, atomic_write_json, atomic_write_text
+
+__all__ = [
+    "ExactIndex",
+    "average_precision",
+    "mean_average_precision",
+    "recall_at_k",
+    "topk_cosine",
+]
+
+FORMAT = "dinolab-exact-index"
+VERSION = 1
+
+
+def _as_tensor(x: np.ndarray | torch.Tensor) -> torch.Tensor:
+    t = torch.from_numpy(np.asarray(x)) if not isinstance(x, torch.Tensor) else x
+    return t.float()
+
+
+def _normalize(x: np.ndarray | torch.Tensor, name: str = "features") -> torch.Tensor:
+    t = _as_tensor(x)
+    if t.ndim != 2:
+        raise DinolabError(f"{name} must be 2-D (N, D), got shape {tuple(t.shape)}")
+    return F.normalize(t, dim=-1)
+
+
+@torch.no_grad()
+def topk_cosine(
+    queries: np.ndarray | torch.Tensor,
+    database: np.ndarray | torch.Tensor,
+    k: int,
+    *,
+    query_chunk: int = 1024,
+    db_chunk: int = 65536,
+    device: str | torch.device | None = None,
+    normalized: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` cosine neighbours of each query row among ``database`` rows.
+
+    Returns ``(scores, indices)``, both (M, min(k, N)) on the CPU (float32 / int64), best first.
+    Chunked over queries and database with a running top-k merge. ``normalized=True`` skips the
+    L2 normalisation when the inputs already are unit rows. Computation happens on ``device``
+    (default: the database's device).
+    """
+    if k < 1:
+        raise DinolabError(f"k must be >= 1, got {k}")
+    if query_chunk < 1 or db_chunk < 1:
+        raise DinolabError("query_chunk and db_chunk must be >= 1")
+    q = _as_tensor(queries) if normalized else _normalize(queries, "queries")
+    db = _as_tensor(database) if normalized else _normalize(database, "database")
+    if q.ndim != 2 or db.ndim != 2:
+        raise DinolabError("queries and database must be 2-D")
+    if q.shape[1] != db.shape[1]:
+        raise DinolabError(f"query dim {q.shape[1]} != database dim {db.shape[1]}")
+    dev = torch.device(device) if device is not None else db.device
+    db = db.to(dev)
+    m, n = q.shape[0], db.shape[0]
+    k = min(k, n)
+    out_s = torch.empty(m, k, dtype=torch.float32)
+    out_i = torch.empty(m, k, dtype=torch.int64)
+    if m == 0 or k == 0:
+        return out_s, out_i
+    for qs in range(0, m, query_chunk):
+        qc = q[qs : qs + query_chunk].to(dev)
+        best_s = torch.full((qc.shape[0], 0), float("-inf"), device=dev)
+        best_i = torch.empty((qc.shape[0], 0), dtype=torch.int64, device=dev)
+        for ds in range(0, n, db_chunk):
+            sims = qc @ db[ds : ds + db_chunk].T
+            s, i = sims.topk(min(k, sims.shape[1]), dim=1)
+            cat_s = torch.cat([best_s, s], dim=1)
+            cat_i = torch.cat([best_i, i + ds], dim=1)
+            best_s, pos = cat_s.topk(min(k, cat_s.shape[1]), dim=1)
+            best_i = cat_i.gather(1, pos)
+        out_s[qs : qs + qc.shape[0]] = best_s.cpu()
+        out_i[qs : qs + qc.shape[0]] = best_i.cpu()
+    return out_s, out_i
+
+
+class ExactIndex:
+    """Brute-force cosine index over ``features`` (N, D), L2-normalised on construction.
+
+    ``ids`` name the rows (default ``"0".."N-1"``); ``model_id`` records which backbone produced
+    the features so a query embedded by another model can be refused by the caller.
+    """
+
+    def __init__(
+        self,
+        features: np.ndarray | torch.Tensor,
+        ids: Sequence[str] | None = None,
+        model_id: str = "",
+        *,
+        device: str | torch.device | None = None,
+    ) -> None:
+        feats = _normalize(features)
+        ids = [str(i) for i in range(feats.shape[0])] if ids is None else [str(i) for i in ids]
+        if len(ids) != feats.shape[0]:
+            raise DinolabError(f"{len(ids)} ids for {feats.shape[0]} feature rows")
+        self.features = feats.to(device) if device is not None else feats
+        self.ids = ids
+        self.model_id = str(model_id)
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.features.device
+
+    def to(self, device: str | torch.device) -> ExactIndex:
+        self.features = self.features.to(device)
+        return self
+
+    def search(
+        self,
+        queries: np.ndarray | torch.Tensor,
+        k: int,
+        *,
+        query_chunk: int = 1024,
+        db_chunk: int = 65536,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cosine top-``k`` of each query (M, D): ``(scores, indices)`` (M, min(k, N)), on the CPU."""
+        q = _as_tensor(queries)
+        if q.ndim == 1:
+            q = q[None]
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise DinolabError(f"queries must be (M, {self.dim}), got shape {tuple(q.shape)}")
+        return topk_cosine(
+            _normalize(q, "queries"), self.features, k,
+            query_chunk=query_chunk, db_chunk=db_chunk, normalized=True,
+        )
+
+    def ids_of(self, indices: np.ndarray | torch.Tensor | Sequence) -> list:
+        """Map row indices (any nesting, e.g. the (M, k) result of ``search``) to ids."""
+        arr = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices, dtype=np.int64)
+        ids = self.ids
+        if arr.ndim == 0:
+            return ids[int(arr)]  # type: ignore[return-value]
+        if arr.ndim == 1:
+            return [ids[int(i)] for i in arr]
+        return [self.ids_of(row) for row in arr]
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write features.npy, ids.txt, then meta.json (each atomically) into ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        bad = [i for i in self.ids if "\n" in i or "\r" in i]
+        if bad:
+            raise DinolabError(f"id {bad[0]!r} contains a line break; ids.txt holds one id per line")
+        meta = folder / "meta.json"
+        meta.unlink(missing_ok=True)  # an index folder without meta.json is incomplete
+        feats = self.features.detach().cpu().numpy().astype(np.float32, copy=False)
+        atomic_write(folder / "features.npy", lambda f: np.save(f, feats))
+        atomic_write_text(folder / "ids.txt", "".join(i + "\n" for i in self.ids))
+        atomic_write_json(meta, {
+            "format": FORMAT, "version": VERSION, "model_id": self.model_id,
+            "dim": self.dim, "count": len(self),
+        })
+        return folder
+
+    @classmethod
+    def load(
+        cls, folder: str | os.PathLike, *, device: str | torch.device | None = None, mmap: bool = False
+    ) -> ExactIndex:
+        """Read a folder written by ``save``; ``mmap=True`` memory-maps features.npy (CPU only)."""
+        folder = Path(folder)
+        meta_path = folder / "meta.json"
+        if not meta_path.is_file():
+            raise DinolabError(f"{folder} is not a complete index folder (no meta.json)")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != FORMAT:
+            raise DinolabError(f"{meta_path}: unknown index format {meta.get('format')!r}")
+        feats = np.load(folder / "features.npy", mmap_mode="c" if mmap else None)  # "c": writable view
+        text = (folder / "ids.txt").read_bytes().decode("utf-8", errors="surrogateescape")
+        ids = text.split("\n")[:-1] if text else []
+        if feats.shape != (meta["count"], meta["dim"]) or len(ids) != meta["count"]:
+            raise DinolabError(
+                f"{folder}: features {feats.shape} / {len(ids)} ids disagree with meta.json "
+                f"(count={meta['count']}, dim={meta['dim']})"
+            )
+        obj = cls.__new__(cls)
+        t = torch.from_numpy(feats if mmap else np.ascontiguousarray(feats, dtype=np.float32))
+        obj.features = t.to(device) if device is not None else t
+        obj.ids = ids
+        obj.model_id = meta.get("model_id", "")
+        return obj
+
+
+# --------------------------------------------------------------------------- retrieval metrics
+
+
+def average_precision(ranked_relevance: Sequence[bool] | np.ndarray, n_relevant: int | None = None) -> float:
+    """AP of one ranked list: mean of precision@r over the ranks r holding a relevant item.
+
+    The denominator is ``n_relevant`` (all relevant items that exist; missing ones count as 0),
+    defaulting to the relevant items in the list. 0.0 when there is nothing relevant.
+    """
+    rel = np.asarray(ranked_relevance, dtype=bool).ravel()
+    denom = int(rel.sum()) if n_relevant is None else int(n_relevant)
+    if denom <= 0:
+        return 0.0
+    hits = np.cumsum(rel)
+    prec = hits / np.arange(1, rel.size + 1)
+    return float(prec[rel].sum() / denom)
+
+
+def _self_rows(exclude_self: bool | np.ndarray, m: int) -> np.ndarray | None:
+    if exclude_self is False or exclude_self is None:
+        return None
+    if exclude_self is True:
+        return np.arange(m, dtype=np.int64)
+    rows = np.asarray(exclude_self, dtype=np.int64).ravel()
+    if rows.size != m:
+        raise DinolabError(f"exclude_self has {rows.size} entries for {m} queries")
+    return rows
+
+
+def _relevance(indices, query_labels, db_labels, exclude_self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(relevant (M, K), valid (M, K), n_relevant_in_db (M,)) with self matches marked invalid."""
+    idx = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices, dtype=np.int64)
+    if idx.ndim != 2:
+        raise DinolabError(f"indices must be (M, K), got shape {idx.shape}")
+    ql = np.asarray(query_labels).ravel()
+    dl = np.asarray(db_labels).ravel()
+    if ql.size != idx.shape[0]:
+        raise DinolabError(f"{ql.size} query labels for {idx.shape[0]} queries")
+    valid = idx >= 0
+    rel = valid & (dl[np.clip(idx, 0, None)] == ql[:, None])
+    uniq, inv = np.unique(np.concatenate([dl, ql]), return_inverse=True)
+    counts = np.bincount(inv[: dl.size], minlength=uniq.size)
+    n_rel = counts[inv[dl.size :]]
+    rows = _self_rows(exclude_self, idx.shape[0])
+    if rows is not None:
+        is_self = idx == rows[:, None]
+        valid &= ~is_self
+        rel &= ~is_self
+        in_db = (rows >= 0) & (rows < dl.size)
+        n_rel = n_rel - (in_db & (dl[np.clip(rows, 0, max(dl.size - 1, 0))] == ql)).astype(np.int64)
+    return rel, valid, n_rel
+
+
+def mean_average_precision(
+    indices: np.ndarray | torch.Tensor,
+    query_labels: np.ndarray | Sequence,
+    db_labels: np.ndarray | Sequence,
+    *,
+    exclude_self: bool | np.ndarray = True,
+) -> float:
+    """Label-based mAP of ranked retrieval lists ``indices`` (M, K) (e.g. from ``search``).
+
+    A retrieved item is relevant when its label equals the query's. ``exclude_self=True`` means
+    query i is database row i (leave-one-out, queries = database) and that row is dropped from its
+    list; pass an int array of each query's database row (-1: none) or ``False`` for a separate
+    query set. Ask ``search`` for K+1 neighbours so K remain after the self match is dropped.
+    Each AP divides by min(relevant items in the database, length of the list), so K = N gives
+    the usual full mAP and a truncated list reaches 1.0 when all its items are relevant.
+    Queries with no relevant database item are left out of the mean (NaN if none are left).
+    """
+    rel, valid, n_rel = _relevance(indices, query_labels, db_labels, exclude_self)
+    aps = []
+    for r, v, n in zip(rel, valid, n_rel, strict=True):
+        if n <= 0:
+            continue
+        ranked = r[v]
+        aps.append(average_precision(ranked, min(int(n), ranked.size)) if ranked.size else 0.0)
+    return float(np.mean(aps)) if aps else float("nan")
+
+
+def recall_at_k(
+    indices: np.ndarray | torch.Tensor,
+    query_labels: np.ndarray | Sequence,
+    db_labels: np.ndarray | Sequence,
+    k: int | Sequence[int] = 1,
+    *,
+    exclude_self: bool | np.ndarray = True,
+) -> float | dict[int, float]:
+    """Fraction of queries with at least one relevant item among their first ``k`` results.
+
+    ``exclude_self`` as in ``mean_average_precision`` (self matches do not use up a rank).
+    An int ``k`` gives a float; a sequence gives ``{k: recall}``.
+    """
+    rel, valid, _ = _relevance(indices, query_labels, db_labels, exclude_self)
+    rank = np.cumsum(valid, axis=1)  # 1-based rank among valid entries
+    m = rel.shape[0]
+
+    def one(kk: int) -> float:
+        if kk < 1:
+            raise DinolabError(f"k must be >= 1, got {kk}")
+        if m == 0:
+            return float("nan")
+        return float((rel & (rank <= kk)).any(axis=1).mean())
+
+    if isinstance(k, int | np.integer):
+        return one(int(k))
+    return {int(kk): one(int(kk)) for kk in k}
