@@ -67,7 +67,8 @@ def cmd_embed(args: argparse.Namespace) -> None:
     from dinolab.data.transforms import make_classification_transform
 
     autocast = {"auto": None, "fp32": False, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
-    res = embed(_load(args), args.images, args.out, model_id=str(args.model),
+    images = args.images[0] if len(args.images) == 1 else args.images  # one folder / list file, or files
+    res = embed(_load(args), images, args.out, model_id=str(args.model),
                 transform=make_classification_transform(args.resize, args.crop), batch_size=args.batch_size,
                 num_workers=args.num_workers, device=args.device, autocast=autocast,
                 pooling=args.pooling.split(","), fmt=args.format, shard_size=args.shard_size,
@@ -128,6 +129,27 @@ def cmd_train(args: argparse.Namespace) -> None:
     res = train(cfg, args.data, device=args.device, progress=not args.no_progress, eval_train=args.eval_train,
                 eval_test=args.eval_test)
     print(json.dumps(res, indent=1, default=str))
+
+
+def cmd_index(args: argparse.Namespace) -> None:
+    from dinolab.curate import retrieval
+    from dinolab.curate.index import ExactIndex
+
+    if args.action == "build":
+        index = retrieval.build_index(args.embeddings, args.out, key=args.key)
+        print(f"indexed {len(index)} images into {args.out}")
+        return
+    index = ExactIndex.load(args.index)
+    model = None
+    if args.image:
+        args.model = args.model or index.model_id or None
+        model = _load(args)
+    results = retrieval.search(index, k=args.k, model=model, images=args.image, ids=args.id, device=args.device)
+    retrieval.save_results(results, args.out)
+    if args.sheet:
+        retrieval.contact_sheet(results, args.images_root, args.sheet)
+    print(json.dumps(results[:3], indent=1) + (f"\n... ({len(results)} queries)" if len(results) > 3 else ""))
+    print(f"results: {args.out}" + (f", sheet: {args.sheet}" if args.sheet else ""))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -226,6 +248,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("index", help="image retrieval: build an exact index from `dinolab embed`, search it")
+    isub = p.add_subparsers(dest="action", required=True, metavar="action")
+    b = isub.add_parser("build", help="index the features of a finished `dinolab embed` folder")
+    b.add_argument("--embeddings", type=Path, required=True, help="output folder of dinolab embed")
+    b.add_argument("--out", type=Path, required=True, help="index folder to write")
+    b.add_argument("--key", default="cls", help="which features: cls (default) or patch_mean")
+    b.set_defaults(func=cmd_index)
+    q = isub.add_parser("search", help="nearest indexed images of query images (--image) or indexed ids (--id)")
+    q.add_argument("--index", type=Path, required=True)
+    q.add_argument("--image", nargs="*", default=[], help="query image files (embedded with --model, by default "
+                   "the model the index was built with)")
+    q.add_argument("--id", nargs="*", default=[], help="ids already in the index (the id itself is excluded)")
+    q.add_argument("-k", type=int, default=10, help="neighbours per query")
+    q.add_argument("--out", type=Path, default=Path("search.json"), help="results JSON (default search.json)")
+    q.add_argument("--sheet", type=Path, help="also write a contact-sheet PNG (query + neighbours)")
+    q.add_argument("--images-root", type=Path, help="folder the indexed ids are relative to (for --sheet)")
+    _add_model_args(q, default=None)
+    q.set_defaults(func=cmd_index)
 
     p = sub.add_parser("convert", help="save a backbone in the official .pth layout or as a HuggingFace folder")
     p.add_argument("--out", type=Path, required=True, help="a .pth file (official) or a folder (hf)")

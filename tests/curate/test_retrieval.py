@@ -1,0 +1,49 @@
+"""`dinolab embed` -> `dinolab index build` -> `dinolab index search` end to end."""
+
+import json
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dinolab.cli import main
+from dinolab.models import create_model, save_official
+
+
+def test_embed_index_search_round_trip(tmp_path, capsys):
+    imgs = tmp_path / "imgs"
+    rng = np.random.default_rng(0)
+    for c, rgb in enumerate([(220, 30, 30), (30, 200, 40), (30, 40, 220)]):
+        (imgs / f"c{c}").mkdir(parents=True)
+        for i in range(4):
+            arr = np.clip(np.array(rgb) + rng.normal(0, 15, (32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(imgs / f"c{c}" / f"{i}.png")
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch8", depth=2)
+    with torch.no_grad():  # LayerScale 1 so the random CLS token sees the image
+        for n, p in model.named_parameters():
+            if n.endswith("gamma"):
+                p.fill_(1.0)
+    ckpt = save_official(model, tmp_path / "m.pth")
+    common = ["--model", str(ckpt), "--device", "cpu"]
+    assert main(["embed", str(imgs), "--out", str(tmp_path / "emb"), "--resize", "32", "--crop", "32",
+                 "--no-progress", *common]) == 0
+    assert main(["index", "build", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "idx")]) == 0
+    out = tmp_path / "res.json"
+    assert main(["index", "search", "--index", str(tmp_path / "idx"), "--id", "c0/0.png", "c2/1.png", "-k", "3",
+                 "--out", str(out), "--sheet", str(tmp_path / "sheet.png"), "--images-root", str(imgs)]) == 0
+    res = json.loads(out.read_text())
+    assert [r["query"] for r in res] == ["c0/0.png", "c2/1.png"]
+    for r in res:  # neighbours: same colour class, never the query itself
+        assert len(r["neighbours"]) == 3 and all(n["id"] != r["query"] for n in r["neighbours"])
+        assert all(n["id"].split("/")[0] == r["query"].split("/")[0] for n in r["neighbours"])
+    assert (tmp_path / "sheet.png").stat().st_size > 0
+
+
+def test_search_unknown_id_is_one_line_error(tmp_path, capsys):
+    from dinolab.curate.index import ExactIndex
+
+    ExactIndex(torch.randn(4, 8), ["a", "b", "c", "d"], "m").save(tmp_path / "idx")
+    rc = main(["index", "search", "--index", str(tmp_path / "idx"), "--id", "zzz", "--out", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "zzz" in err and err.count("\n") == 1
