@@ -241,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "to resume from the newest checkpoint.")
     p.add_argument("--config", default="cpu-smoke", help="preset (vits14, vitb14, vitl14, vitg14, cifar10, "
                    "cpu-smoke) or a YAML file (may say `base: <preset>`)")
-    p.add_argument("--data", required=True, help="a folder of images (recursive), a .txt list file, or cifar10:train")
+    p.add_argument("--data", required=True, help="a folder of images (recursive), a .txt list file, uncompressed .tar "
+                   "shards (a shard or a folder of them), or cifar10:train")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.base_lr=1e-3 train.epochs=5")
     p.add_argument("--eval-train", help="labelled kNN bank for periodic evaluation, e.g. cifar10:train")
     p.add_argument("--eval-test", help="labelled kNN queries, e.g. cifar10:test (every train.eval_every its)")

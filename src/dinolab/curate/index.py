@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from dinolab.errors import DinolabError
+from dinolab.eval.neighbours import topk_cosine
 from dinolab.io import atomic_write, atomic_write_json, atomic_write_text
 
 __all__ = [
@@ -51,58 +52,6 @@ def _normalize(x: np.ndarray | torch.Tensor, name: str = "features") -> torch.Te
     if t.ndim != 2:
         raise DinolabError(f"{name} must be 2-D (N, D), got shape {tuple(t.shape)}")
     return F.normalize(t, dim=-1)
-
-
-@torch.no_grad()
-def topk_cosine(
-    queries: np.ndarray | torch.Tensor,
-    database: np.ndarray | torch.Tensor,
-    k: int,
-    *,
-    query_chunk: int = 1024,
-    db_chunk: int = 65536,
-    device: str | torch.device | None = None,
-    normalized: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``k`` cosine neighbours of each query row among ``database`` rows.
-
-    Returns ``(scores, indices)``, both (M, min(k, N)) on the CPU (float32 / int64), best first.
-    Chunked over queries and database with a running top-k merge. ``normalized=True`` skips the
-    L2 normalisation when the inputs already are unit rows. Computation happens on ``device``
-    (default: the database's device).
-    """
-    if k < 1:
-        raise DinolabError(f"k must be >= 1, got {k}")
-    if query_chunk < 1 or db_chunk < 1:
-        raise DinolabError("query_chunk and db_chunk must be >= 1")
-    q = _as_tensor(queries) if normalized else _normalize(queries, "queries")
-    db = _as_tensor(database) if normalized else _normalize(database, "database")
-    if q.ndim != 2 or db.ndim != 2:
-        raise DinolabError("queries and database must be 2-D")
-    if q.shape[1] != db.shape[1]:
-        raise DinolabError(f"query dim {q.shape[1]} != database dim {db.shape[1]}")
-    dev = torch.device(device) if device is not None else db.device
-    db = db.to(dev)
-    m, n = q.shape[0], db.shape[0]
-    k = min(k, n)
-    out_s = torch.empty(m, k, dtype=torch.float32)
-    out_i = torch.empty(m, k, dtype=torch.int64)
-    if m == 0 or k == 0:
-        return out_s, out_i
-    for qs in range(0, m, query_chunk):
-        qc = q[qs : qs + query_chunk].to(dev)
-        best_s = torch.full((qc.shape[0], 0), float("-inf"), device=dev)
-        best_i = torch.empty((qc.shape[0], 0), dtype=torch.int64, device=dev)
-        for ds in range(0, n, db_chunk):
-            sims = qc @ db[ds : ds + db_chunk].T
-            s, i = sims.topk(min(k, sims.shape[1]), dim=1)
-            cat_s = torch.cat([best_s, s], dim=1)
-            cat_i = torch.cat([best_i, i + ds], dim=1)
-            best_s, pos = cat_s.topk(min(k, cat_s.shape[1]), dim=1)
-            best_i = cat_i.gather(1, pos)
-        out_s[qs : qs + qc.shape[0]] = best_s.cpu()
-        out_i[qs : qs + qc.shape[0]] = best_i.cpu()
-    return out_s, out_i
 
 
 class ExactIndex:

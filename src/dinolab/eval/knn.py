@@ -34,12 +34,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from dinolab.errors import DinolabError
 from dinolab.eval.metrics import check_labels, topk_correct
+from dinolab.eval.neighbours import topk_cosine
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +101,9 @@ def knn_classify(
     if any(k > n for k in ks):
         logger.warning("kNN: only %d train samples, so k > %d is clipped to %d", n, n, n)
 
-    sims, idx = _nearest(train_features, test_features, max(num_neighbours.values()), device, dtype,
-                         test_chunk, train_chunk, progress)  # (M, kmax) each, on device
+    sims, idx = topk_cosine(test_features.to(dtype), train_features.to(dtype), max(num_neighbours.values()),
+                            query_chunk=test_chunk, db_chunk=train_chunk, device=device, progress=progress)
+    sims, idx = sims.to(device), idx.to(device)  # (M, kmax) each, sorted
     neighbour_labels = train_labels.to(device)[idx]  # (M, kmax)
     predictions: dict[int, list[Tensor]] = {k: [] for k in num_neighbours}
     hits: dict[int, list[Tensor]] = {k: [] for k in num_neighbours}
@@ -144,37 +144,6 @@ def _validate(
         if test_labels.shape[0] != test_features.shape[0]:
             raise DinolabError(f"{test_labels.shape[0]} test_labels for {test_features.shape[0]} test features: "
                                "pass one label per row")
-
-
-def _nearest(
-    train: Tensor,
-    test: Tensor,
-    kmax: int,
-    device: torch.device,
-    dtype: torch.dtype,
-    test_chunk: int,
-    train_chunk: int,
-    progress: bool,
-) -> tuple[Tensor, Tensor]:
-    """Cosine similarities and train indices of the kmax nearest train rows: (M, kmax) each, sorted."""
-    m = test.shape[0]
-    best_sims = torch.full((m, 0), float("-inf"), dtype=dtype, device=device)  # (M, <=kmax) running
-    best_idx = torch.zeros((m, 0), dtype=torch.long, device=device)  # (M, <=kmax)
-    starts = range(0, train.shape[0], train_chunk)
-    for start in tqdm(starts, disable=not progress, desc="knn", unit="chunk"):
-        bank = F.normalize(train[start:start + train_chunk].to(device, dtype), dim=1)  # (n, D)
-        new_sims, new_idx = [], []
-        for t in range(0, m, test_chunk):
-            query = F.normalize(test[t:t + test_chunk].to(device, dtype), dim=1)  # (m, D)
-            sims = query @ bank.T  # (m, n), the largest temporary
-            top = sims.topk(min(kmax, sims.shape[1]), dim=1)  # (m, <=kmax) best of this chunk
-            merged_sims = torch.cat([best_sims[t:t + test_chunk], top.values], dim=1)  # (m, <=2 kmax)
-            merged_idx = torch.cat([best_idx[t:t + test_chunk], top.indices + start], dim=1)
-            keep = merged_sims.topk(min(kmax, merged_sims.shape[1]), dim=1)  # sorted, descending
-            new_sims.append(keep.values)
-            new_idx.append(merged_idx.gather(1, keep.indices))
-        best_sims, best_idx = torch.cat(new_sims), torch.cat(new_idx)  # (M, <=kmax)
-    return best_sims, best_idx
 
 
 def _vote_scores(

@@ -30,7 +30,7 @@ from torch import Tensor
 from dinolab.errors import ChecksumError, DinolabError, WeightsNotFoundError
 from dinolab.io import atomic_write, atomic_write_text
 from dinolab.models.convert import StateDict, to_official
-from dinolab.models.variants import VARIANTS, Variant, get_variant
+from dinolab.models.variants import VARIANTS, Variant, get_variant, is_variant_name
 from dinolab.models.vit import DinoVisionTransformer
 
 log = logging.getLogger(__name__)
@@ -213,7 +213,7 @@ def load_model(name_or_path: str | Path, *, weights: str | Path | None = None, a
         overrides: variant fields to change (e.g. ``img_size``) before building.
     """
     name = str(name_or_path)
-    is_name = name in VARIANTS or any(name in v.aliases for v in VARIANTS.values())
+    is_name = is_variant_name(name)
     if is_name and weights is None and not pretrained:
         variant, sd = get_variant(name, **overrides), None
     elif is_name:
@@ -224,7 +224,8 @@ def load_model(name_or_path: str | Path, *, weights: str | Path | None = None, a
         sd = read_state_dict(path)
     else:
         path = Path(name)
-        verify_file(path, sha256) if path.is_file() else None
+        if path.is_file():
+            verify_file(path, sha256)
         sd = read_state_dict(path)
         variant = (get_variant(arch, **overrides) if arch else
                    _sidecar_variant(path) or _hf_variant(path, sd) or infer_variant(sd, num_heads))

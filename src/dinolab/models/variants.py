@@ -92,6 +92,11 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in _official() + _own()}
 _ALIASES: dict[str, str] = {a: v.name for v in VARIANTS.values() for a in v.aliases}
 
 
+def is_variant_name(name: str) -> bool:
+    """Whether ``name`` is an official, timm or own variant name (not a file path)."""
+    return name in VARIANTS or name in _ALIASES
+
+
 def get_variant(name: str, **overrides: Any) -> Variant:
     """Look up a variant by official, timm or own name; ``overrides`` replace fields (e.g. img_size)."""
     key = _ALIASES.get(name, name)

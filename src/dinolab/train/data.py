@@ -71,9 +71,12 @@ def training_items(source: str) -> Sequence[str | TarMember] | np.ndarray:
 
         return load_cifar10(source.split(":", 1)[1]).items
     path = Path(source)
-    shards = sorted(path.glob("*.tar")) if path.is_dir() else [path] if path.suffix == ".tar" else []
-    if shards and (path.is_file() or not any(p.is_file() and p.suffix != ".tar" for p in path.iterdir())):
-        return tar_members(shards)
+    if path.suffix == ".tar":
+        return tar_members([path])
+    if path.is_dir():
+        shards = sorted(path.glob("*.tar"))
+        if shards and all(p.suffix == ".tar" for p in path.iterdir() if p.is_file()):
+            return tar_members(shards)
     return list_images(source)
 
 
