@@ -106,3 +106,40 @@ def test_training_reads_tar_shards(images, tmp_path):
     assert res["iterations"] == 6 and res["skipped_images"] >= 1  # the broken PNG is in a shard too
     with pytest.raises(DinolabError, match="uncompressed"):
         tar_members([tmp_path / "x.tar.gz"])
+
+
+HIGHRES = ["highres.iterations=4", "highres.global_size=48", "highres.local_size=24",
+           "highres.batch_size_per_gpu=8", "train.checkpoint_every=3"]
+
+
+def test_highres_phase_switches_crops_and_resumes_exactly(images, tmp_path, monkeypatch):
+    from dinolab.train.meta_arch import SSLMetaArch
+
+    seen = []
+    original = SSLMetaArch.forward_backward
+
+    def spy(self, batch, teacher_temp):
+        g, loc = batch["global_crops"].shape, batch["local_crops"].shape
+        seen.append((g[0] // 2, g[-1], loc[0] // 2, loc[-1]))  # images (the broken one is skipped), sizes
+        return original(self, batch, teacher_temp=teacher_temp)
+
+    monkeypatch.setattr(SSLMetaArch, "forward_backward", spy)
+    cfg_a = load_config("cpu-smoke", HIGHRES + [f"train.output_dir={tmp_path / 'a'}"])
+    res = loop.train(cfg_a, str(images), device="cpu", progress=False)
+    assert res["iterations"] == 10  # 6 main + 4 high-res
+    # main phase: <= 16 images, 2 global crops of 32 px, 2 locals of 16; high-res: <= 8 images, 48 / 24 px
+    assert all(n <= 16 and g == 32 and nl == n and loc == 16 for n, g, nl, loc in seen[:6]) and len(seen) == 10
+    assert all(n <= 8 and g == 48 and nl == n and loc == 24 for n, g, nl, loc in seen[6:])
+    assert sum(n for n, *_ in seen[6:]) >= 30  # at most the one broken image of 40 skipped in 32 draws
+    cfg_b = load_config("cpu-smoke", HIGHRES + [f"train.output_dir={tmp_path / 'b'}"])
+    loop.train(cfg_b, str(images), device="cpu", progress=False)
+    # "kill" run b inside the high-res phase, after its checkpoint at iteration 9
+    (tmp_path / "b" / "checkpoints" / "ckpt-00000010.pt").unlink()
+    for name in ("results.json", "teacher_backbone.pth"):
+        (tmp_path / "b" / name).unlink()
+    seen.clear()
+    loop.train(cfg_b, str(images), device="cpu", progress=False)
+    assert len(seen) == 1 and seen[0][1] == 48
+    a, b = _teacher(tmp_path / "a"), _teacher(tmp_path / "b")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

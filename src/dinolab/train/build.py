@@ -35,9 +35,12 @@ def build_arch(cfg: Config, reduce: Reduce | None = None) -> SSLMetaArch:
                        ibot_centering=build_centering(cfg, ibot_dims["out_dim"], reduce))
 
 
-def build_augmentation(cfg: Config) -> MultiCropAugmentation:
+def build_augmentation(cfg: Config, *, highres: bool = False) -> MultiCropAugmentation:
+    """The multi-crop augmentation of the main phase, or (``highres``) of the high-resolution phase,
+    which changes only the crop sizes."""
     c = cfg.crops
-    return MultiCropAugmentation(global_size=c.global_size, local_size=c.local_size, global_scale=c.global_scale,
+    g, loc = (cfg.highres.global_size, cfg.highres.local_size) if highres else (c.global_size, c.local_size)
+    return MultiCropAugmentation(global_size=g, local_size=loc, global_scale=c.global_scale,
                                  local_scale=c.local_scale, n_local=c.n_local, blur=c.blur,
                                  patch_size=patch_size(cfg.model))
 
@@ -49,9 +52,12 @@ def build_optimizer(cfg: Config, arch: SSLMetaArch) -> torch.optim.AdamW:
 
 
 def build_training_schedules(cfg: Config, iters_per_epoch: int, world_size: int = 1) -> Schedules:
+    """The official schedules over the whole run: ``train.epochs`` epochs, then the
+    ``highres.iterations`` of the high-resolution phase, which continue the same curves (the
+    paper's "short period at the end of pretraining", not a restart)."""
     o, lo = cfg.optim, cfg.loss
     return build_schedules(
-        total_iters=cfg.train.epochs * iters_per_epoch, iters_per_epoch=iters_per_epoch,
+        total_iters=cfg.train.epochs * iters_per_epoch + cfg.highres.iterations, iters_per_epoch=iters_per_epoch,
         base_lr=scaled_lr(cfg, world_size), min_lr=o.min_lr, warmup_epochs=o.warmup_epochs, wd=o.weight_decay,
         wd_end=o.weight_decay_end, momentum=o.momentum_teacher, momentum_end=o.final_momentum_teacher,
         teacher_temp=lo.teacher_temp, warmup_teacher_temp=lo.warmup_teacher_temp,
@@ -59,7 +65,7 @@ def build_training_schedules(cfg: Config, iters_per_epoch: int, world_size: int 
         freeze_last_layer_epochs=o.freeze_last_layer_epochs)
 
 
-def mask_grid(cfg: Config) -> tuple[int, int]:
+def mask_grid(cfg: Config, *, highres: bool = False) -> tuple[int, int]:
     """Patch grid (h, w) of the global crops, where the iBOT masks live."""
-    n = cfg.crops.global_size // patch_size(cfg.model)
+    n = (cfg.highres.global_size if highres else cfg.crops.global_size) // patch_size(cfg.model)
     return (n, n)

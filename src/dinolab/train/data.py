@@ -151,9 +151,11 @@ def collate_stream(samples, *, grid: tuple[int, int], mask_probability: float, m
 def make_loader(items: Sequence[str] | np.ndarray, augment: MultiCropAugmentation, *, batch_size: int,
                 grid: tuple[int, int], mask_probability: float, mask_ratio: tuple[float, float], seed: int,
                 start: int = 0, num_workers: int = 0, rank: int = 0, world_size: int = 1,
-                pin_memory: bool = False) -> Iterator[dict]:
-    """An endless iterator of training batches starting ``start`` batches into this rank's stream."""
-    sampler = StreamSampler(len(items), seed=seed, rank=rank, world_size=world_size, start=start * batch_size)
+                pin_memory: bool = False, start_sample: int | None = None) -> Iterator[dict]:
+    """An endless iterator of training batches starting ``start`` batches (or, when given,
+    ``start_sample`` samples) into this rank's stream."""
+    position = start * batch_size if start_sample is None else start_sample
+    sampler = StreamSampler(len(items), seed=seed, rank=rank, world_size=world_size, start=position)
     collate = partial(collate_stream, grid=grid, mask_probability=mask_probability, mask_ratio=mask_ratio)
     loader = DataLoader(MultiCropDataset(items, augment), sampler=sampler, batch_size=batch_size,
                         collate_fn=collate, num_workers=num_workers, pin_memory=pin_memory,

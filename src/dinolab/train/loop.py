@@ -78,6 +78,27 @@ class _Run:
     iters_per_epoch: int
     start: int
     amp: torch.dtype | None
+    items: object = None
+    main_iters: int = 0  # iterations before the high-resolution phase
+
+    def highres(self, it: int) -> bool:
+        """Whether iteration ``it`` belongs to the high-resolution phase."""
+        return it >= self.main_iters
+
+    def batch_size(self, it: int) -> int:
+        hr = self.cfg.highres.batch_size_per_gpu or self.cfg.train.batch_size_per_gpu
+        return hr if self.highres(it) else self.cfg.train.batch_size_per_gpu
+
+    def batches(self, it: int):
+        """The data stream of ``it``'s phase, positioned at iteration ``it`` (exact on resume)."""
+        cfg, hr = self.cfg, self.highres(it)
+        main_bs = cfg.train.batch_size_per_gpu
+        position = main_bs * min(it, self.main_iters) + self.batch_size(it) * max(0, it - self.main_iters)
+        return make_loader(self.items, build_augmentation(cfg, highres=hr), batch_size=self.batch_size(it),
+                           grid=mask_grid(cfg, highres=hr), mask_probability=cfg.mask.probability,
+                           mask_ratio=cfg.mask.ratio, seed=cfg.train.seed, start_sample=position,
+                           num_workers=cfg.train.num_workers, rank=self.rank, world_size=self.world,
+                           pin_memory=self.dev.type == "cuda")
 
 
 def _setup(cfg: Config, data: str, device: str | None) -> tuple[_Run, object]:
@@ -101,13 +122,10 @@ def _setup(cfg: Config, data: str, device: str | None) -> tuple[_Run, object]:
     arch = parallelize(arch, device=dev, mode="ddp" if distributed else "none")
     if distributed and start == 0:
         torch.manual_seed(cfg.train.seed + rank)  # different stochastic-depth draws per rank
-    batches = make_loader(items, build_augmentation(cfg), batch_size=cfg.train.batch_size_per_gpu,
-                          grid=mask_grid(cfg), mask_probability=cfg.mask.probability, mask_ratio=cfg.mask.ratio,
-                          seed=cfg.train.seed, start=start, num_workers=cfg.train.num_workers,
-                          rank=rank, world_size=world, pin_memory=dev.type == "cuda")
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision) if dev.type == "cuda" else None
-    run = _Run(cfg, run_dir, dev, rank, world, arch, unwrap(arch), optimizer, schedules, len(items), ipe, start, amp)
-    return run, batches
+    run = _Run(cfg, run_dir, dev, rank, world, arch, unwrap(arch), optimizer, schedules, len(items), ipe, start, amp,
+               items=items, main_iters=cfg.train.epochs * ipe)
+    return run, run.batches(start)
 
 
 def _agree(flag: bool, dev: torch.device) -> bool:
@@ -150,13 +168,18 @@ def train(cfg: Config, data: str, *, device: str | None = None, progress: bool =
         return json.loads((run.run_dir / "results.json").read_text())
     monitor = CollapseMonitor(out_dim=cfg.head.out_dim)
     knn = KnnMonitor(eval_train, eval_test, cfg.crops.global_size, run.run_dir) if eval_train and eval_test else None
-    nonfinite, skipped_images, t0 = 0, 0, time.perf_counter()
+    nonfinite, skipped_images, images_seen, t0 = 0, 0, 0, time.perf_counter()
     log.info("training %d iterations (%d per epoch) on %d images, %s x %d", total - run.start,
              run.iters_per_epoch, run.n_images, run.dev, run.world)
     with GracefulExit() as stop, tqdm(total=total, initial=run.start, disable=not (progress and main_rank),
                                       unit="it") as bar:
         for it in range(run.start, total):
+            if it == run.main_iters and it > run.start:
+                log.info("high-resolution phase: %d iterations at %d px (local crops %d px)",
+                         total - it, cfg.highres.global_size, cfg.highres.local_size)
+                batches = run.batches(it)
             batch = _move(next(batches), run.dev)
+            images_seen += run.batch_size(it) * run.world
             skipped_images += int(batch.pop("n_skipped"))
             m = _step(run, batch, it)
             if m is None:
@@ -168,8 +191,7 @@ def train(cfg: Config, data: str, *, device: str | None = None, progress: bool =
                 continue
             nonfinite = 0
             monitor.update(it, m)
-            m["images_per_s"] = (it + 1 - run.start) * cfg.train.batch_size_per_gpu * run.world / (
-                time.perf_counter() - t0)
+            m["images_per_s"] = images_seen / (time.perf_counter() - t0)
             if main_rank:
                 _log(run, m, bar, last=it + 1 == total)
             bar.update()
