@@ -137,6 +137,9 @@ class TrainConfig:
     checkpoint_every: int = 3750  # official: every 3 epochs of 1250 iterations
     keep_last: int = 3
     eval_every: int = 12500  # official evaluation.eval_period_iterations
+    parallel: Literal["auto", "ddp", "fsdp"] = "auto"  # under torchrun; auto = ddp (fsdp: ViT-g preset)
+    compile: bool = False  # torch.compile every backbone block (student and teacher)
+    activation_checkpointing: bool = False  # recompute student blocks in the backward: less memory
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -29,7 +29,7 @@ from dinolab.distributed import all_reduce_sum
 from dinolab.train.build import build_arch, build_optimizer
 from dinolab.train.ema import unwrapped_name
 from dinolab.train.optim import apply_schedules
-from dinolab.train.parallelize import parallelize, unwrap
+from dinolab.train.parallelize import full_state, is_sharded, parallelize, unwrap
 
 WORLD, B, TEMP, SEED = 2, 2, 0.04, 0
 CASES = {  # name -> (config overrides, activation checkpointing in the DDP run)
@@ -105,6 +105,18 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             results[case] = {"grads": grads, "targets": targets, "center": arch.dino_centering.state_dict(),
                              "ibot_center": arch.ibot_centering.state_dict(), "teacher_before": teacher_before,
                              "state": unwrap(arch).state_dict(), "keys": list(unwrap(arch).state_dict())}
+        # FSDP2: the same step with student and teacher sharded; optimizer built on the shards
+        arch = parallelize(_arch("softmax", reduce=all_reduce_sum), device="cpu", mode="fsdp")
+        assert is_sharded(arch)
+        optimizer = build_optimizer(load_config("cpu-smoke"), arch)
+        apply_schedules(optimizer, lr=1e-3, wd=0.04, last_layer_lr=1e-3)
+        _step(arch, batch, rank)
+        grads = {unwrapped_name(n): p.grad.full_tensor().clone() for n, p in arch.student.named_parameters()}
+        optimizer.step()
+        arch.update_teacher(0.9)
+        model_state, optim_state = full_state(arch, optimizer)
+        results["fsdp"] = {"grads": grads, "state": model_state, "optim": optim_state,
+                           "center": arch.dino_centering.state_dict()}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -151,6 +163,23 @@ def test_gradients_are_the_mean_of_the_halves(ddp_results):
             torch.testing.assert_close(g, (refs[0][name] + refs[1][name]) / 2, rtol=1e-5, atol=1e-6,
                                        msg=f"rank {rank}: {name}")
         assert not torch.allclose(refs[0]["backbone.mask_token"], refs[1]["backbone.mask_token"])
+
+
+def test_fsdp_matches_ddp(ddp_results):
+    """FSDP2 (sharded student, teacher and optimizer) does what DDP does: same averaged gradients,
+    same weights after the AdamW step and the EMA, same centre; its full state has the plain keys."""
+    assert ddp_results[1]["fsdp"]["state"] == {}  # the full state is gathered on rank 0 only
+    for res in ddp_results:
+        fsdp, ddp = res["fsdp"], res["softmax"]
+        assert fsdp["grads"].keys() == ddp["grads"].keys()
+        for name, g in fsdp["grads"].items():
+            torch.testing.assert_close(g, ddp["grads"][name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(fsdp["center"]["center"], ddp["center"]["center"])
+    fsdp, ddp = ddp_results[0]["fsdp"], ddp_results[0]["softmax"]
+    assert list(fsdp["state"]) == ddp["keys"]
+    for name, v in ddp["state"].items():
+        torch.testing.assert_close(fsdp["state"][name], v, rtol=1e-5, atol=1e-6, msg=name)
+    assert set(fsdp["optim"]["state"]) == {f"student.{n}" for n in fsdp["grads"]}
 
 
 def test_centering_statistics_are_global(ddp_results):

@@ -34,7 +34,7 @@ from dinolab.train.checkpointing import GracefulExit, latest_checkpoint, load_ch
 from dinolab.train.data import make_loader, training_items
 from dinolab.train.monitor import CollapseMonitor, KnnMonitor, plot_losses
 from dinolab.train.optim import apply_schedules
-from dinolab.train.parallelize import parallelize, unwrap
+from dinolab.train.parallelize import full_state, is_sharded, load_full_state, parallelize, unwrap
 
 log = logging.getLogger(__name__)
 MAX_NONFINITE = 10  # consecutive non-finite losses before the run stops
@@ -53,8 +53,7 @@ def _resume(run_dir: Path, arch, optimizer, rank: int, world: int, seed: int) ->
     if path is None:
         return 0
     state = load_checkpoint(path, restore_rng=world == 1)
-    arch.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    load_full_state(arch, state["model"], optimizer, state["optimizer"])
     if world > 1:
         torch.manual_seed(seed + 1000 * int(state["iteration"]) + rank)
     log.info("resumed from %s (iteration %d)", path, state["iteration"])
@@ -116,13 +115,15 @@ def _setup(cfg: Config, data: str, device: str | None) -> tuple[_Run, object]:
     items = training_items(data)
     ipe = iters_per_epoch(cfg, len(items), world)
     schedules = build_training_schedules(cfg, ipe, world_size=world)
-    arch = build_arch(cfg, reduce=all_reduce_sum if distributed else None).to(dev)
-    optimizer = build_optimizer(cfg, arch)
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision) if dev.type == "cuda" else None
+    mode = ("fsdp" if cfg.train.parallel == "fsdp" else "ddp") if distributed else "none"
+    arch = parallelize(build_arch(cfg, reduce=all_reduce_sum if distributed else None), device=dev, mode=mode,
+                       compile=cfg.train.compile, activation_checkpointing=cfg.train.activation_checkpointing,
+                       param_dtype=amp if mode == "fsdp" else None)
+    optimizer = build_optimizer(cfg, unwrap(arch))  # after sharding: FSDP replaces the parameters
     start = _resume(run_dir, arch, optimizer, rank, world, cfg.train.seed)
-    arch = parallelize(arch, device=dev, mode="ddp" if distributed else "none")
     if distributed and start == 0:
         torch.manual_seed(cfg.train.seed + rank)  # different stochastic-depth draws per rank
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision) if dev.type == "cuda" else None
     run = _Run(cfg, run_dir, dev, rank, world, arch, unwrap(arch), optimizer, schedules, len(items), ipe, start, amp,
                items=items, main_iters=cfg.train.epochs * ipe)
     return run, run.batches(start)
@@ -144,7 +145,8 @@ def _step(run: _Run, batch: dict, it: int) -> dict | None:
         return None
     if run.cfg.optim.clip_grad:
         params = [p for p in run.arch.student.parameters() if p.requires_grad]
-        m["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, run.cfg.optim.clip_grad).item()
+        norm = torch.nn.utils.clip_grad_norm_(params, run.cfg.optim.clip_grad)
+        m["grad_norm"] = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # DTensor (FSDP)
     run.optimizer.step()
     run.arch.update_teacher(v.momentum)
     m.update(iteration=it + 1, lr=v.lr, wd=v.wd, momentum=v.momentum, teacher_temp=v.teacher_temp)
@@ -168,6 +170,9 @@ def train(cfg: Config, data: str, *, device: str | None = None, progress: bool =
         return json.loads((run.run_dir / "results.json").read_text())
     monitor = CollapseMonitor(out_dim=cfg.head.out_dim)
     knn = KnnMonitor(eval_train, eval_test, cfg.crops.global_size, run.run_dir) if eval_train and eval_test else None
+    if knn and is_sharded(run.arch):  # sharded extraction would need the same batch count on every rank
+        log.warning("kNN monitoring is off under FSDP: evaluate teacher_backbone.pth with `dinolab eval knn`")
+        knn = None
     nonfinite, skipped_images, images_seen, t0 = 0, 0, 0, time.perf_counter()
     log.info("training %d iterations (%d per epoch) on %d images, %s x %d", total - run.start,
              run.iters_per_epoch, run.n_images, run.dev, run.world)
@@ -199,19 +204,36 @@ def train(cfg: Config, data: str, *, device: str | None = None, progress: bool =
                 knn(run.plain.teacher["backbone"], it + 1)
             stopping = _agree(stop.requested, run.dev)
             every = cfg.train.checkpoint_every
-            if main_rank and (stopping or it + 1 == total or (every and (it + 1) % every == 0)):
-                save_checkpoint(run.run_dir, it + 1, {"model": run.plain.state_dict(),
-                                                      "optimizer": run.optimizer.state_dict(),
-                                                      "config": config_to_dict(cfg)}, keep_last=cfg.train.keep_last)
+            if stopping or it + 1 == total or (every and (it + 1) % every == 0):
+                model_state, optim_state = full_state(run.arch, run.optimizer)  # collective under FSDP
+                if main_rank:
+                    save_checkpoint(run.run_dir, it + 1, {"model": model_state, "optimizer": optim_state,
+                                                          "config": config_to_dict(cfg)},
+                                    keep_last=cfg.train.keep_last)
             if stopping:
                 log.warning("stop requested: checkpoint saved at iteration %d; run the same command to resume", it + 1)
                 return {"stopped_at": it + 1}
     train_seconds = time.perf_counter() - t0
     if knn:
         knn(run.plain.teacher["backbone"], total)
+    teacher = run.plain.teacher["backbone"]
+    if is_sharded(run.arch):  # gather the weights (a collective; rank 0 receives them) into a plain teacher
+        model_state = full_state(run.arch)[0]
+        teacher = _unsharded_teacher(cfg, model_state) if main_rank else None
     if not main_rank:
         return {"iterations": total}
-    return _finish(run.run_dir, run.plain, monitor, total, skipped_images, train_seconds, knn)
+    return _finish(run.run_dir, teacher, monitor, total, skipped_images, train_seconds, knn)
+
+
+def _unsharded_teacher(cfg: Config, model_state: dict) -> torch.nn.Module:
+    """A plain teacher backbone holding the weights of a full (gathered) model state dict."""
+    from dinolab.config import backbone_kwargs
+    from dinolab.models import DinoVisionTransformer
+
+    prefix = "teacher.backbone."
+    backbone = DinoVisionTransformer(**backbone_kwargs(cfg.model))
+    backbone.load_state_dict({k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)})
+    return backbone
 
 
 def _log(run: _Run, m: dict, bar, *, last: bool) -> None:
@@ -224,10 +246,10 @@ def _log(run: _Run, m: dict, bar, *, last: bool) -> None:
                     lr=f"{m['lr']:.1e}", img_s=f"{m['images_per_s']:.0f}")
 
 
-def _finish(run_dir: Path, arch, monitor, total: int, skipped_images: int, seconds: float,
+def _finish(run_dir: Path, teacher: torch.nn.Module, monitor, total: int, skipped_images: int, seconds: float,
             knn: KnnMonitor | None) -> dict:
     """Export the teacher backbone, plot the losses, write results.json."""
-    export = save_official(arch.teacher["backbone"], run_dir / "teacher_backbone.pth")
+    export = save_official(teacher, run_dir / "teacher_backbone.pth")
     plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
     results = {"iterations": total, "teacher_backbone": str(export), "skipped_images": skipped_images,
                "train_wall_s_this_session": seconds, **monitor.summary()}
