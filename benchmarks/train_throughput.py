@@ -1,0 +1,126 @@
+"""Pretraining step throughput and peak memory of the official recipes, one process, synthetic crops.
+
+Measures the full training step of ``dinolab train`` (teacher forward, student forward on masked
+global crops and on local crops, DINO + iBOT + KoLeo, backward, gradient clipping, AdamW, EMA) on
+random crops already on the device, so data loading is not part of the number; images/s counts
+images (each with 2 global + n local crops), as the issue's reference figures do.
+
+    python benchmarks/train_throughput.py --device cuda --presets vits14:64,vitl14:32 --modes eager,compile
+    python benchmarks/train_throughput.py --device cpu --presets cpu-smoke:16 --modes eager --iters 3
+
+Preset models and crop sizes come from ``dinolab/configs/train/<preset>.yaml`` (vits14/vitl14: 2 x 224
++ 8 x 98, patch 14, 65,536 prototypes, bf16 autocast on CUDA). ``--modes``: eager, compile (every
+block compiled), ckpt (activation checkpointing), compile+ckpt. Results in ``--json`` (default
+benchmarks/results/train_throughput-<device>.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dinolab.config import load_config, patch_size
+from dinolab.data.collate import collate_multicrop
+from dinolab.train.build import build_arch, build_optimizer
+from dinolab.train.optim import apply_schedules
+from dinolab.train.parallelize import parallelize
+
+
+def _batch(cfg, batch: int, device: torch.device) -> dict:
+    c, p = cfg.crops, patch_size(cfg.model)
+    g = torch.Generator().manual_seed(0)
+    samples = [{"global": [torch.randn(3, c.global_size, c.global_size, generator=g) for _ in range(2)],
+                "local": [torch.randn(3, c.local_size, c.local_size, generator=g) for _ in range(c.n_local)]}
+               for _ in range(batch)]
+    out = collate_multicrop(samples, grid=(c.global_size // p,) * 2, rng=np.random.default_rng(0))
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in out.items()}
+
+
+def run_one(preset: str, batch: int, mode: str, device: torch.device, iters: int, warmup: int) -> dict:
+    cfg = load_config(preset)
+    torch.manual_seed(0)
+    arch = parallelize(build_arch(cfg), device=device, mode="none", compile="compile" in mode,
+                       activation_checkpointing="ckpt" in mode)
+    optimizer = build_optimizer(cfg, arch)
+    apply_schedules(optimizer, 1e-4, 0.04, 1e-4)
+    data = _batch(cfg, batch, device)
+    amp = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
+    cuda = device.type == "cuda"
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with amp:
+            arch.forward_backward(data, teacher_temp=0.04)
+        torch.nn.utils.clip_grad_norm_(arch.student.parameters(), 3.0)
+        optimizer.step()
+        arch.update_teacher(0.994)
+
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    warm_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    sec = (time.perf_counter() - t0) / iters
+    res = {"preset": preset, "arch": cfg.model.arch, "batch": batch, "mode": mode,
+           "crops": f"2x{cfg.crops.global_size} + {cfg.crops.n_local}x{cfg.crops.local_size}",
+           "images_per_s": batch / sec, "step_s": sec, "warmup_s": warm_s}
+    if cuda:
+        res["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    del arch, optimizer
+    if cuda:
+        torch.cuda.empty_cache()
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--presets", default="vits14:64,vitl14:32", help="preset:batch,... (training presets)")
+    ap.add_argument("--modes", default="eager,compile", help="eager, compile, ckpt, compile+ckpt")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    rows = []
+    for item in args.presets.split(","):
+        preset, batch = item.split(":")
+        for mode in args.modes.split(","):
+            try:
+                r = run_one(preset, int(batch), mode, device, args.iters, args.warmup)
+            except torch.OutOfMemoryError as e:
+                r = {"preset": preset, "batch": int(batch), "mode": mode, "error": f"OOM: {e}"[:200]}
+                torch.cuda.empty_cache()
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    machine = torch.cuda.get_device_name() if device.type == "cuda" else \
+        f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    print(f"\n{machine}, torch {torch.__version__}")
+    print(f"{'preset':10} {'batch':>5} {'mode':14} {'img/s':>8} {'peak GiB':>9}")
+    for r in rows:
+        print(f"{r['preset']:10} {r['batch']:5d} {r['mode']:14} {r.get('images_per_s', float('nan')):8.1f} "
+              f"{r.get('peak_gib', float('nan')):9.1f}")
+    out = args.json or Path(__file__).parent / "results" / f"train_throughput-{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": machine, "torch": torch.__version__, "rows": rows}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
