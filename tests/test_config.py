@@ -60,10 +60,12 @@ def test_official_large_and_giant_recipes():
     kwargs = backbone_kwargs(large.model)
     assert (kwargs["ffn"], kwargs["ffn_hidden"]) == ("swiglu", 2736)  # official SwiGLUFFNFused width for 1024
     assert backbone_kwargs(giant.model)["ffn_hidden"] == 4096 and kwargs["img_size"] == 224
-    # vitg14 inherits vitl14 through ``base:`` and changes only the backbone and the batch
+    # vitg14 inherits vitl14 through ``base:`` and changes only the backbone, the batch and the sharding
     assert giant.train.batch_size_per_gpu == 12 and giant.model.arch == "dinov2_vitg14"
-    assert dataclasses.replace(giant, model=large.model,
-                               train=dataclasses.replace(giant.train, batch_size_per_gpu=32)) == large
+    assert (giant.train.parallel, giant.train.activation_checkpointing) == ("fsdp", True)
+    assert (large.train.parallel, large.train.activation_checkpointing) == ("auto", False)
+    assert dataclasses.replace(giant, model=large.model, train=dataclasses.replace(
+        giant.train, batch_size_per_gpu=32, parallel="auto", activation_checkpointing=False)) == large
 
 
 def test_overrides_of_each_type():

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from dinolab.curate.dedup import find_duplicates, remove_near_eval
+from dinolab.errors import DinolabError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -73,3 +74,36 @@ def test_remove_near_eval_drops_planted_leaks():
     assert keep.dtype == bool and keep.shape == (200,)
     np.testing.assert_array_equal(np.flatnonzero(~keep), np.sort(leak_rows))
     assert remove_near_eval(pool, ev[:0], threshold=0.95).all()
+
+
+@pytest.mark.parametrize("method", ["cluster", "ivf", "hnsw"])
+def test_approximate_methods_find_the_same_pairs(method):
+    if method != "cluster":
+        pytest.importorskip("faiss")
+    feats, planted = _planted(n=2000, n_dup=60)
+    exact = find_duplicates(feats, threshold=0.95, k=8)
+    approx = find_duplicates(feats, threshold=0.95, k=8, method=method, nlist=16, nprobe=4, chunk=500)
+    assert {tuple(p) for p in exact.pairs.tolist()} == planted
+    assert {tuple(p) for p in approx.pairs.tolist()} == planted
+    np.testing.assert_array_equal(approx.keep, exact.keep)
+    np.testing.assert_allclose(approx.similarities, exact.similarities, atol=1e-5)
+    with pytest.raises(DinolabError, match="unknown dedup method"):
+        find_duplicates(feats, method="lsh")
+
+
+def test_cluster_method_probes_neighbouring_clusters():
+    """Pairs split across two k-means cells are missed with nprobe=1 and found with nprobe=2."""
+    rng = np.random.default_rng(4)
+    d = 16
+    centres = _unit(rng.normal(size=(2, d)))
+    mid = _unit((centres[0] + centres[1])[None])[0]  # on the border between the two cells
+    pts = [_unit(centres[i] + rng.normal(size=(200, d)) * 0.05) for i in range(2)]
+    side = _unit((centres[1] - centres[0])[None])[0]
+    pair = _unit(np.stack([mid - 0.02 * side, mid + 0.02 * side]))  # cos > 0.99, one on each side
+    feats = np.concatenate([pts[0], pts[1], pair]).astype(np.float32)
+    one = find_duplicates(feats, threshold=0.99, k=4, method="cluster", nlist=2, nprobe=1)
+    two = find_duplicates(feats, threshold=0.99, k=4, method="cluster", nlist=2, nprobe=2)
+    exact = find_duplicates(feats, threshold=0.99, k=4)
+    assert [400, 401] in exact.pairs.tolist() and [400, 401] in two.pairs.tolist()
+    assert [400, 401] not in one.pairs.tolist()
+    assert {tuple(p) for p in two.pairs.tolist()} == {tuple(p) for p in exact.pairs.tolist()}

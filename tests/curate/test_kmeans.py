@@ -110,3 +110,20 @@ def test_hierarchical_tree():
         # a point's level-l cluster is the parent of its level-(l-1) cluster
         assert torch.equal(per_level[lvl], levels[lvl].assignments[per_level[lvl - 1]])
         assert int(per_level[lvl].max()) < levels[lvl].centroids.shape[0]
+
+
+def test_faiss_backend_same_init_matches_torch_and_sklearn():
+    pytest.importorskip("faiss")
+    x, _ = _blobs(std=4.0)
+    x = x.float()
+    init = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(1))[:8]].clone()
+    ours = kmeans(x, 8, init=init, n_iter=50)
+    fa = kmeans(x, 8, init=init, n_iter=50, backend="faiss")
+    sk = KMeans(8, init=init.numpy(), n_init=1, max_iter=50, tol=0.0, algorithm="lloyd").fit(x.numpy())
+    assert (fa.assignments == ours.assignments).float().mean() > 0.999
+    assert fa.inertia == pytest.approx(sk.inertia_, rel=1e-4) and ours.inertia == pytest.approx(sk.inertia_, rel=1e-4)
+    torch.testing.assert_close(fa.distances, ((x - fa.centroids[fa.assignments]) ** 2).sum(1), rtol=1e-3, atol=1e-2)
+    levels = hierarchical_kmeans(x, [20, 4], n_iter=10, backend="faiss")
+    assert [r.centroids.shape for r in levels] == [(20, 16), (4, 16)]
+    with pytest.raises(ValueError, match="backend"):
+        kmeans(x, 2, backend="sklearn")

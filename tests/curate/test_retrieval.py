@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -47,3 +48,48 @@ def test_search_unknown_id_is_one_line_error(tmp_path, capsys):
     rc = main(["index", "search", "--index", str(tmp_path / "idx"), "--id", "zzz", "--out", str(tmp_path / "r.json")])
     err = capsys.readouterr().err
     assert rc == 2 and "zzz" in err and err.count("\n") == 1
+
+
+def test_faiss_kinds_and_batch_queries_from_cli(tmp_path, capsys):
+    """build --kind ivf/hnsw, search a folder of query files; the query transform comes from the index."""
+    pytest.importorskip("faiss")
+    imgs = tmp_path / "imgs"
+    rng = np.random.default_rng(1)
+    for c, rgb in enumerate([(220, 30, 30), (30, 200, 40), (30, 40, 220)]):
+        (imgs / f"c{c}").mkdir(parents=True)
+        for i in range(14):
+            arr = np.clip(np.array(rgb) + rng.normal(0, 15, (32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(imgs / f"c{c}" / f"{i}.png")
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    for q, rgb in enumerate([(220, 30, 30), (30, 40, 220)]):
+        arr = np.clip(np.array(rgb) + rng.normal(0, 15, (32, 32, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(arr).save(queries / f"q{q}.png")
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch8", depth=2)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("gamma"):
+                p.fill_(1.0)
+    ckpt = save_official(model, tmp_path / "m.pth")
+    assert main(["embed", str(imgs), "--out", str(tmp_path / "emb"), "--resize", "32", "--crop", "32",
+                 "--no-progress", "--model", str(ckpt), "--device", "cpu"]) == 0
+    for kind, extra in (("ivf", ["--nlist", "1"]), ("hnsw", ["--hnsw-m", "8"])):
+        idx = tmp_path / f"idx_{kind}"
+        assert main(["index", "build", "--embeddings", str(tmp_path / "emb"), "--out", str(idx), "--kind", kind,
+                     *extra]) == 0
+        meta = json.loads((idx / "meta.json").read_text())
+        assert meta["kind"] == kind and meta["info"]["resize"] == 32 and meta["info"]["crop"] == 32
+        out = tmp_path / f"{kind}.json"
+        assert main(["index", "search", "--index", str(idx), "--images", str(queries), "-k", "5", "--out", str(out),
+                     "--device", "cpu", "--sheet", str(tmp_path / f"{kind}.png")]) == 0
+        res = json.loads(out.read_text())
+        assert [r["query"].rsplit("/", 1)[-1] for r in res] == ["q0.png", "q1.png"]
+        assert all(n["id"].startswith("c0/") for n in res[0]["neighbours"])  # red query -> red images
+        assert all(n["id"].startswith("c2/") for n in res[1]["neighbours"]) and len(res[1]["neighbours"]) == 5
+        assert (tmp_path / f"{kind}.png").stat().st_size > 0  # images found through the recorded id_root
+    capsys.readouterr()
+    assert main(["index", "build", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "ex"),
+                 "--kind", "exact"]) == 0
+    assert main(["index", "search", "--index", str(tmp_path / "ex"), "--id", "c0/0.png", "--nprobe", "4"]) == 2
+    assert "faiss indexes" in capsys.readouterr().err

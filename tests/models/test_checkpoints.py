@@ -433,3 +433,21 @@ def test_missing_path(tmp_path):
     assert_one_line(err)
     with pytest.raises(WeightsNotFoundError):
         load_model("dinov2_vits14", weights=tmp_path / "nope.pth")
+
+
+def test_backbone_without_layerscale_round_trips(tmp_path):
+    """A model pretrained with model.layerscale=null has no ls*.gamma keys: it loads from the
+    sidecar-described file and from the bare .pth (architecture inferred from the keys)."""
+    from dinolab.models import DinoVisionTransformer, create_model, load_model, save_official
+
+    kw = create_model("vit_tiny_patch14", depth=2, img_size=56).state_dict()
+    assert "blocks.0.ls1.gamma" in kw
+    torch.manual_seed(0)
+    model = DinoVisionTransformer(embed_dim=192, depth=2, num_heads=3, patch_size=14, img_size=56, layerscale=None)
+    assert not any("gamma" in k for k in model.state_dict())
+    path = save_official(model.eval(), tmp_path / "nols.pth")
+    x = torch.randn(1, 3, 56, 56)
+    want = model(x).cls_token
+    torch.testing.assert_close(load_model(path)(x).cls_token, want)
+    path.with_name("nols.pth.json").unlink()
+    torch.testing.assert_close(load_model(path)(x).cls_token, want)

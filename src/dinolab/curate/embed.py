@@ -12,7 +12,15 @@ merges the shards into final files and removes them. Output folder of ``embed``:
     run.json       the settings that a resumed run must match
     shards/        per-shard features (.npz) and ids (.json) while the run is in progress
 
-Every input id appears in exactly one of ids.txt and skipped.txt.
+Every input id appears in exactly one of ids.txt and skipped.txt. ``meta.json`` also records
+``id_root``, the folder the ids are relative to (the image folder, the list file's folder, or the
+working directory for image paths given one by one), so later stages can find the files.
+
+Under ``torchrun`` (a process group initialised with ``dinolab.distributed.init_distributed``) the
+shards still to do are dealt round-robin to the ranks; rank 0 merges them when all are written.
+Batches never cross a shard boundary, so every image is embedded in the same batch as in one
+process and the files are the same as a single-process run's (bit-identical on the same hardware).
+The output folder must be visible to all ranks (one node, or a shared file system).
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from tqdm.auto import tqdm
 
 from dinolab.data.images import Batch, ImageListDataset, ImageSource, list_images_with_ids
 from dinolab.data.transforms import make_classification_transform
+from dinolab.distributed import all_gather_objects, barrier, get_rank, get_world_size, is_distributed
 from dinolab.errors import DinolabError
 from dinolab.eval.features import (
     FORMATS,
@@ -157,7 +166,8 @@ def _compute_shards(
     (out / "shards").mkdir(exist_ok=True)
     buf = _ShardBuffer(_empty(model, keys))
     total = sum(len(r) for r in spans.values())
-    with _frozen(model.to(device)), tqdm(total=total, disable=not progress, unit="img", desc="embed") as bar:
+    show = progress and get_rank() == 0
+    with _frozen(model.to(device)), tqdm(total=total, disable=not show, unit="img", desc="embed") as bar:
         loader = _loader(dataset, batches, num_workers, device)
         for batch, feats in _forward_batches(model, loader, device=device, dtype=dtype, keys=keys, bar=bar):
             buf.add(batch, feats, ids)
@@ -214,6 +224,33 @@ def _check_ids(ids: list[str]) -> None:
                            "rename the file")
 
 
+def _id_root(images: ImageSource) -> str:
+    """The folder ids are relative to: the folder itself, a list file's folder, else the working directory."""
+    if isinstance(images, (str, os.PathLike)):
+        path = Path(images)
+        if path.is_dir():
+            return str(path.resolve())
+        if path.suffix.lower() == ".txt":
+            return str(path.resolve().parent)
+    return os.getcwd()
+
+
+def _on_rank0(fn, *args):
+    """Run ``fn`` on rank 0 only and give every rank its result (or its error, raised everywhere)."""
+    if not is_distributed():
+        return fn(*args)
+    out: tuple = (None, None)
+    if get_rank() == 0:
+        try:
+            out = (fn(*args), None)
+        except DinolabError as e:
+            out = (None, str(e))
+    value, error = all_gather_objects(out)[0]
+    if error is not None:
+        raise DinolabError(error)
+    return value
+
+
 def embed(
     model: nn.Module,
     images: ImageSource,
@@ -250,29 +287,37 @@ def embed(
     out = Path(out_dir)
     run = _run_settings(model_id, keys, transform, shard_size, dtype, ids)
     n_shards = -(-len(ids) // shard_size)
-    if _prepare_out_dir(out, run, overwrite):
+    if _on_rank0(_prepare_out_dir, out, run, overwrite):
         logger.info("%s already holds this finished embed run; nothing to do", out)
         return _result(out, n_shards, 0)
     todo = [k for k in range(n_shards) if not _shard_done(out, k, ids[k * shard_size:(k + 1) * shard_size])]
-    if len(todo) < n_shards:
+    if len(todo) < n_shards and get_rank() == 0:
         logger.info("resuming in %s: %d of %d shards already done", out, n_shards - len(todo), n_shards)
     workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
-    _compute_shards(model, ImageListDataset(paths, transform), ids, todo, out, shard_size=shard_size,
+    mine = todo[get_rank()::get_world_size()] if is_distributed() else todo
+    _compute_shards(model, ImageListDataset(paths, transform), ids, mine, out, shard_size=shard_size,
                     batch_size=batch_size, num_workers=workers, device=device, dtype=dtype, keys=keys,
                     progress=progress)
+    barrier()  # every shard is on disk
+    _on_rank0(_finish, out, n_shards, keys, fmt, run, len(ids), _id_root(images))
+    return _result(out, n_shards - len(todo), len(todo))
+
+
+def _finish(out: Path, n_shards: int, keys: Sequence[str], fmt: str, run: dict, n_inputs: int,
+            id_root: str) -> None:
+    """Merge the shards into the final files and write meta.json, which marks the run finished."""
     ok, skipped, shapes = _merge(out, n_shards, keys, fmt)
     arrays = [f"{k}.npy" for k in keys] if fmt == "npy" else ["features.safetensors"]
     files = ["ids.txt", "skipped.txt", *arrays]
     from dinolab import __version__
 
     meta = {**run, "format": fmt, "files": files, "count": len(ok), "skipped": len(skipped),
-            "dims": {k: list(s) for k, s in shapes.items()}, "dinolab_version": __version__,
+            "dims": {k: list(s) for k, s in shapes.items()}, "id_root": id_root, "dinolab_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     atomic_write_text(out / "meta.json", json.dumps(meta, indent=1))  # last: marks the run finished
     shutil.rmtree(out / "shards", ignore_errors=True)
-    _log_skipped(skipped, len(ids))
+    _log_skipped(skipped, n_inputs)
     logger.info("embedded %d images into %s (%d skipped, listed in skipped.txt)", len(ok), out, len(skipped))
-    return _result(out, n_shards - len(todo), len(todo))
 
 
 def _result(out: Path, reused: int, computed: int) -> EmbedResult:

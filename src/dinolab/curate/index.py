@@ -5,14 +5,15 @@ produced them. ``search`` is brute force but chunked over queries *and* database
 running top-k merge, so memory is O(query_chunk x db_chunk), never O(M x N): a 1M-vector database
 does not need an M x N similarity matrix. It runs on the GPU when built with ``device="cuda"``.
 
-Approximate indexes (faiss IVF / HNSW) for pools far larger than this are not implemented yet;
-they will sit beside ``ExactIndex`` with the same ``search`` / ``save`` / ``load`` shape.
+Approximate indexes (faiss flat / IVF / HNSW / IVF-PQ) sit beside it in ``curate.faiss_index`` with
+the same ``search`` / ``vectors`` / ``save`` / ``load`` shape; ``make_index`` builds either kind
+(``"auto"`` chooses by size) and ``load_index`` opens either folder.
 
 Folder written by ``ExactIndex.save``::
 
     features.npy   float32 (N, D), rows L2-normalised
     ids.txt        one id per line, same row order
-    meta.json      {"format", "version", "model_id", "dim", "count"} (written last: the index is complete)
+    meta.json      {"format", "version", "model_id", "dim", "count", "info"} (written last: the index is complete)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 import torch
@@ -32,7 +34,10 @@ from dinolab.io import atomic_write, atomic_write_json, atomic_write_text
 
 __all__ = [
     "ExactIndex",
+    "Index",
     "average_precision",
+    "load_index",
+    "make_index",
     "mean_average_precision",
     "recall_at_k",
     "topk_cosine",
@@ -58,8 +63,11 @@ class ExactIndex:
     """Brute-force cosine index over ``features`` (N, D), L2-normalised on construction.
 
     ``ids`` name the rows (default ``"0".."N-1"``); ``model_id`` records which backbone produced
-    the features so a query embedded by another model can be refused by the caller.
+    the features so a query embedded by another model can be refused by the caller; ``info`` is
+    free-form metadata saved in meta.json (e.g. the query transform).
     """
+
+    kind = "exact"
 
     def __init__(
         self,
@@ -68,6 +76,7 @@ class ExactIndex:
         model_id: str = "",
         *,
         device: str | torch.device | None = None,
+        info: dict | None = None,
     ) -> None:
         feats = _normalize(features)
         ids = [str(i) for i in range(feats.shape[0])] if ids is None else [str(i) for i in ids]
@@ -76,6 +85,7 @@ class ExactIndex:
         self.features = feats.to(device) if device is not None else feats
         self.ids = ids
         self.model_id = str(model_id)
+        self.info = dict(info or {})
 
     @property
     def dim(self) -> int:
@@ -111,6 +121,11 @@ class ExactIndex:
             query_chunk=query_chunk, db_chunk=db_chunk, normalized=True,
         )
 
+    def vectors(self, rows: Sequence[int] | np.ndarray) -> torch.Tensor:
+        """Stored (normalised) vectors of ``rows`` (K, D), on the CPU."""
+        rows = torch.as_tensor(np.asarray(rows, dtype=np.int64).ravel())
+        return self.features[rows.to(self.features.device)].cpu()
+
     def ids_of(self, indices: np.ndarray | torch.Tensor | Sequence) -> list:
         """Map row indices (any nesting, e.g. the (M, k) result of ``search``) to ids."""
         arr = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices, dtype=np.int64)
@@ -135,7 +150,7 @@ class ExactIndex:
         atomic_write_text(folder / "ids.txt", "".join(i + "\n" for i in self.ids))
         atomic_write_json(meta, {
             "format": FORMAT, "version": VERSION, "model_id": self.model_id,
-            "dim": self.dim, "count": len(self),
+            "dim": self.dim, "count": len(self), "info": self.info,
         })
         return folder
 
@@ -164,7 +179,58 @@ class ExactIndex:
         obj.features = t.to(device) if device is not None else t
         obj.ids = ids
         obj.model_id = meta.get("model_id", "")
+        obj.info = meta.get("info", {})
         return obj
+
+
+if TYPE_CHECKING:
+    from dinolab.curate.faiss_index import FaissIndex
+
+Index = Union[ExactIndex, "FaissIndex"]
+
+
+def make_index(
+    features: np.ndarray | torch.Tensor,
+    ids: Sequence[str] | None = None,
+    model_id: str = "",
+    *,
+    kind: str = "auto",
+    device: str | torch.device | None = None,
+    info: dict | None = None,
+    **faiss_kw: Any,
+) -> Index:
+    """An ``ExactIndex`` (``kind="exact"``) or a ``FaissIndex`` (flat, ivf, hnsw, ivfpq) over ``features``.
+
+    ``"auto"`` picks by size (``faiss_index.choose_kind``: exact up to 1M vectors). ``faiss_kw``
+    (``nlist``, ``nprobe``, ``hnsw_m``, ``ef_search``, ``pq_m``, ``seed``) go to ``FaissIndex``.
+    """
+    from dinolab.curate import faiss_index
+
+    n = int(features.shape[0])
+    kind = faiss_index.choose_kind(n) if kind == "auto" else kind
+    if kind not in faiss_index.KINDS:
+        raise DinolabError(f"unknown index kind {kind!r}; choose auto or one of {', '.join(faiss_index.KINDS)}")
+    if kind == "exact":
+        if faiss_kw:
+            raise DinolabError(f"{sorted(faiss_kw)} only apply to faiss indexes, not to kind 'exact'")
+        return ExactIndex(features, ids, model_id, device=device, info=info)
+    return faiss_index.FaissIndex(features, ids, model_id, kind=kind, info=info, **faiss_kw)
+
+
+def load_index(folder: str | os.PathLike, *, device: str | torch.device | None = None, mmap: bool = False) -> Index:
+    """Open an index folder written by ``ExactIndex.save`` or ``FaissIndex.save``."""
+    meta_path = Path(folder) / "meta.json"
+    if not meta_path.is_file():
+        raise DinolabError(f"{folder} is not a complete index folder (no meta.json); build it with dinolab index build")
+    fmt = json.loads(meta_path.read_text()).get("format")
+    if fmt == FORMAT:
+        return ExactIndex.load(folder, device=device, mmap=mmap)
+    from dinolab.curate.faiss_index import FORMAT as FAISS_FORMAT
+    from dinolab.curate.faiss_index import FaissIndex
+
+    if fmt == FAISS_FORMAT:
+        return FaissIndex.load(folder)
+    raise DinolabError(f"{meta_path}: unknown index format {fmt!r}")
 
 
 # --------------------------------------------------------------------------- retrieval metrics

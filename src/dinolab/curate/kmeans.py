@@ -1,7 +1,9 @@
 """k-means and hierarchical k-means in torch (CPU or GPU).
 
-This is a plain torch implementation (Lloyd iterations with chunked assignment); a faiss backend
-could be added behind the same functions for very large pools, but it is not needed here.
+This is a plain torch implementation (Lloyd iterations with chunked assignment). ``backend="faiss"``
+runs faiss's k-means (``faiss.Kmeans``, CPU; all points used, no subsampling) from the same
+initial centroids instead; the result has the same form. faiss always runs ``n_iter`` iterations
+and re-seeds an empty cluster by splitting a large one.
 
 ``kmeans``
     * assignment is chunked: at most ``chunk x k`` distances exist at a time, so N can be large;
@@ -28,12 +30,15 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["KMeansResult", "hierarchical_kmeans", "kmeans", "point_assignments"]
+__all__ = ["BACKENDS", "KMeansResult", "hierarchical_kmeans", "kmeans", "point_assignments"]
+
+BACKENDS = ("torch", "faiss")
 
 
 @dataclass
@@ -148,13 +153,17 @@ def kmeans(
     spherical: bool = False,
     progress: bool = False,
     init_sample: int | None = None,
+    backend: str = "torch",
 ) -> KMeansResult:
     """Lloyd's k-means of ``x`` (N, D) into ``k`` clusters (see the module docstring).
 
     Computation runs on ``device`` (default: x's device) in float64 for float64 input, else float32.
     The returned ``assignments``/``distances``/``inertia`` are those of the returned centroids.
     ``progress`` logs the number of changed assignments at every iteration (logger ``INFO``).
+    ``backend``: ``"torch"`` or ``"faiss"`` (float32 on the CPU; needs faiss-cpu).
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if x.ndim != 2:
         raise ValueError(f"x must be (N, D), got shape {tuple(x.shape)}")
     n = x.shape[0]
@@ -170,6 +179,8 @@ def kmeans(
     c = _init_centroids(x, k, init, gen, init_sample)
     if spherical:
         c = torch.nn.functional.normalize(c, dim=1)
+    if backend == "faiss":
+        return _kmeans_faiss(x, c, n_iter=n_iter, seed=seed, spherical=spherical, progress=progress)
 
     prev: Tensor | None = None
     it = 0
@@ -191,6 +202,24 @@ def kmeans(
                         distances=dists)
 
 
+def _kmeans_faiss(x: Tensor, init: Tensor, *, n_iter: int, seed: int, spherical: bool,
+                  progress: bool) -> KMeansResult:
+    """faiss k-means from the centroids ``init``; the result is moved back to x's device."""
+    from dinolab.curate.faiss_index import import_faiss
+
+    faiss = import_faiss()
+    xn = np.ascontiguousarray(x.detach().float().cpu().numpy())
+    k, d = init.shape
+    km = faiss.Kmeans(d, k, niter=n_iter, seed=seed, spherical=spherical, verbose=progress,
+                      max_points_per_centroid=max(1, -(-xn.shape[0] // k)), min_points_per_centroid=1)
+    km.train(xn, init_centroids=np.ascontiguousarray(init.detach().float().cpu().numpy()))
+    dist, labels = km.index.search(xn, 1)  # squared L2 to the final centroids
+    dist_t = torch.from_numpy(dist[:, 0]).clamp_min_(0).to(x.device)
+    return KMeansResult(centroids=torch.from_numpy(km.centroids).to(x.device, x.dtype),
+                        assignments=torch.from_numpy(labels[:, 0].astype(np.int64)).to(x.device),
+                        inertia=float(dist_t.double().sum()), n_iter_run=n_iter, distances=dist_t.to(x.dtype))
+
+
 def hierarchical_kmeans(
     x: Tensor,
     ks: Sequence[int],
@@ -202,6 +231,7 @@ def hierarchical_kmeans(
     chunk: int = 65536,
     spherical: bool = False,
     progress: bool = False,
+    backend: str = "torch",
 ) -> list[KMeansResult]:
     """Hierarchical k-means (Vo et al. 2024): ``ks`` from the finest level to the coarsest, e.g. [1000, 100, 10].
 
@@ -217,7 +247,7 @@ def hierarchical_kmeans(
     data = x
     for lvl, k in enumerate(ks):
         res = kmeans(data, k, n_iter=n_iter, init=init, seed=seed + lvl, chunk=chunk, device=device,
-                     spherical=spherical, progress=progress)
+                     spherical=spherical, progress=progress, backend=backend)
         levels.append(res)
         data = res.centroids
     return levels

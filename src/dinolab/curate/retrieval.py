@@ -1,11 +1,17 @@
-"""``dinolab index build / search``: an exact index over an ``embed`` folder, queries by image or id,
-results as JSON and as a contact sheet (query + neighbours)."""
+"""``dinolab index build / search``: an exact or faiss index over an ``embed`` folder, queries by image
+file(s) or id, results as JSON and as a contact sheet (query + neighbours).
+
+The index records how its images were embedded (``info``: features key, resize / crop of the
+transform, the embed folder and the folder the ids are relative to), so query images are embedded
+the same way by default.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,42 +20,74 @@ import torch
 from torch import nn
 
 from dinolab.curate.embed import load_embeddings
-from dinolab.curate.index import ExactIndex
+from dinolab.curate.index import Index, make_index
 from dinolab.errors import DinolabError
 from dinolab.io import atomic_save_figure, atomic_write_json
 
 log = logging.getLogger(__name__)
 
 
-def build_index(embed_dir: str | os.PathLike, out_dir: str | os.PathLike, *, key: str = "cls") -> ExactIndex:
-    """Index the ``key`` features (default CLS) of a finished ``dinolab embed`` folder into ``out_dir``."""
-    ids, arrays = load_embeddings(embed_dir)
+def transform_sizes(transform_repr: str) -> dict[str, int]:
+    """``{"resize", "crop"}`` of a ``make_classification_transform`` repr (as embed's meta.json holds it),
+    or {} when the transform is another one."""
+    resize = re.search(r"Resize\(size=\[(\d+)\]", transform_repr)
+    crop = re.search(r"CenterCrop\(size=\((\d+), (\d+)\)\)", transform_repr)
+    if not (resize and crop) or crop.group(1) != crop.group(2):
+        return {}
+    return {"resize": int(resize.group(1)), "crop": int(crop.group(1))}
+
+
+def build_index(embed_dir: str | os.PathLike, out_dir: str | os.PathLike, *, key: str = "cls",
+                kind: str = "auto", **index_kw) -> Index:
+    """Index the ``key`` features (default CLS) of a finished ``dinolab embed`` folder into ``out_dir``.
+
+    ``kind``: ``auto`` (by size), ``exact`` (torch), or a faiss kind (flat, ivf, hnsw, ivfpq) with
+    ``index_kw`` as in ``curate.index.make_index``.
+    """
+    ids, arrays = load_embeddings(embed_dir, mmap=True)
     if key not in arrays:
         raise DinolabError(f"{embed_dir} has no '{key}' features (has {sorted(arrays)}); embed with --pooling {key}")
     if not ids:
         raise DinolabError(f"{embed_dir} holds no embedded images (all skipped?); see its skipped.txt")
     meta = json.loads((Path(embed_dir) / "meta.json").read_text())
-    index = ExactIndex(torch.from_numpy(np.asarray(arrays[key], dtype=np.float32)), ids, meta.get("model_id", ""))
+    info = {"key": key, "embeddings": str(Path(embed_dir).resolve()), **transform_sizes(meta.get("transform", ""))}
+    if meta.get("id_root"):
+        info["id_root"] = meta["id_root"]
+    feats = torch.from_numpy(np.array(arrays[key], dtype=np.float32))  # a writable copy of the memory map
+    index = make_index(feats, ids, meta.get("model_id", ""), kind=kind, info=info, **index_kw)
     index.save(out_dir)
-    log.info("indexed %d images (%s, dim %d) into %s", len(index), key, index.dim, out_dir)
+    log.info("indexed %d images (%s, dim %d, %s) into %s", len(index), key, index.dim, index.kind, out_dir)
     return index
 
 
-def search(index: ExactIndex, *, k: int = 10, model: nn.Module | None = None,
-           images: Sequence[str | os.PathLike] = (), ids: Sequence[str] = (), device: str | None = None) -> list[dict]:
+def search(index: Index, *, k: int = 10, model: nn.Module | None = None,
+           images: Sequence[str | os.PathLike] = (), ids: Sequence[str] = (), device: str | None = None,
+           resize: int | None = None, crop: int | None = None, batch_size: int = 64,
+           **search_kw) -> list[dict]:
     """Neighbours of query images (embedded with ``model``) and/or of indexed ids (itself excluded).
 
+    Query images go through the classification transform with ``resize`` / ``crop``, by default the
+    sizes the index was embedded with (its ``info``), else 256 / 224. ``search_kw`` (``nprobe``,
+    ``ef_search``) go to a faiss index's ``search``.
     Returns one dict per query: ``{"query", "neighbours": [{"id", "score"}, ...]}``.
     """
+    if k < 1:
+        raise DinolabError(f"k must be >= 1, got {k}")
     queries, names = [], []
     if images:
         if model is None:
             raise DinolabError("searching by image needs a model (the one the index was built with)")
+        from dinolab.data.transforms import make_classification_transform
         from dinolab.eval.features import extract_features
 
-        feats = extract_features(model, list(images), device=device, progress=False)
+        tf = make_classification_transform(resize or index.info.get("resize", 256), crop or index.info.get("crop", 224))
+        feats = extract_features(model, list(images), transform=tf, device=device, batch_size=batch_size,
+                                 progress=len(images) > batch_size)
         if feats.skipped:
             raise DinolabError(f"query image {feats.skipped[0][0]} could not be decoded: {feats.skipped[0][1]}")
+        if feats.cls.shape[1] != index.dim:
+            raise DinolabError(f"the model gives {feats.cls.shape[1]}-d features but the index holds {index.dim}-d "
+                               f"ones (built with {index.model_id or 'an unnamed model'}); pass that --model")
         queries.append(feats.cls)
         names += [str(i) for i in feats.ids]
     if ids:
@@ -57,14 +95,14 @@ def search(index: ExactIndex, *, k: int = 10, model: nn.Module | None = None,
         missing = [i for i in ids if i not in pos]
         if missing:
             raise DinolabError(f"ids not in the index: {missing[:3]}")
-        queries.append(index.features[[pos[i] for i in ids]].cpu())
+        queries.append(index.vectors([pos[i] for i in ids]))
         names += list(ids)
     if not names:
-        raise DinolabError("give query images (--image) or indexed ids (--id)")
-    scores, idx = index.search(torch.cat(queries), k + 1)
+        raise DinolabError("give query images (--image / --images) or indexed ids (--id)")
+    scores, idx = index.search(torch.cat(queries), k + 1, **search_kw)
     out = []
     for q, (s_row, i_row) in enumerate(zip(scores.tolist(), idx.tolist())):
-        hits = [(index.ids[i], s) for i, s in zip(i_row, s_row) if index.ids[i] != names[q]][:k]
+        hits = [(index.ids[i], s) for i, s in zip(i_row, s_row) if i >= 0 and index.ids[i] != names[q]][:k]
         out.append({"query": names[q], "neighbours": [{"id": i, "score": s} for i, s in hits]})
     return out
 

@@ -170,3 +170,133 @@ def _confusion_figure(counts: np.ndarray, class_names: Sequence[str] | None, tit
     return fig
 
 
+# ------------------------------------------------------------------------------ semantic segmentation
+
+
+def segmentation_confusion(preds: Tensor, labels: Tensor, num_classes: int, ignore_index: int = 255) -> Tensor:
+    """Pixel counts ``cm[t, p]`` of true class t predicted as p over the labelled pixels: (C, C) int64.
+
+    ``preds`` and ``labels`` are integer tensors of one shape (any, e.g. (H, W) or (B, H, W)).
+    Pixels whose label is ``ignore_index`` are left out; any other label outside [0, C) and any
+    prediction outside [0, C) raises ``SegmentationError`` (a wrong ``num_classes`` or an unmapped
+    label would otherwise be counted silently).
+    """
+    from dinolab.data.segmentation import SegmentationError
+
+    if preds.shape != labels.shape:
+        raise SegmentationError(f"preds {tuple(preds.shape)} and labels {tuple(labels.shape)} differ in shape: "
+                                "resize the predictions to the label size first")
+    if preds.dtype.is_floating_point or labels.dtype.is_floating_point:
+        raise SegmentationError("preds and labels must be integer class maps (use logits.argmax(1) for preds)")
+    labels = labels.reshape(-1).long()
+    preds = preds.reshape(-1).long().to(labels.device)
+    keep = labels != ignore_index
+    labels, preds = labels[keep], preds[keep]
+    for name, t in (("labels", labels), ("preds", preds)):
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_classes):
+            bad = torch.unique(t[(t < 0) | (t >= num_classes)])[:5].tolist()
+            raise SegmentationError(f"{name} hold values {bad} outside [0, {num_classes}) that are not the ignore "
+                                    f"index {ignore_index}: pass the right num_classes / ignore_index")
+    flat = labels * num_classes + preds  # (M,) index into the C*C cells
+    return torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+def segmentation_scores(cm: Tensor) -> dict[str, float | list[float]]:
+    """mmseg-style scores from a pixel confusion matrix ``cm[t, p]`` (see ``segmentation_confusion``).
+
+    Returns percentages: ``miou`` (mean of the per-class IoU over classes that occur in the labels or
+    the predictions), ``iou`` (per class, ``tp / (tp + fp + fn)``; NaN for a class absent from both),
+    ``pixel_acc`` (correct / labelled pixels, mmseg's aAcc), ``acc`` (per-class recall; NaN for a
+    class absent from the labels) and ``macc`` (their mean over present classes).
+    """
+    if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
+        raise DinolabError(f"a confusion matrix must be square (C, C), got {tuple(cm.shape)}")
+    cm = cm.double()
+    tp = cm.diagonal()  # (C,)
+    support = cm.sum(dim=1)  # (C,) labelled pixels of each class
+    union = support + cm.sum(dim=0) - tp  # (C,) tp + fn + fp
+    nan = torch.full_like(tp, float("nan"))
+    iou = torch.where(union > 0, 100.0 * tp / union.clamp(min=1), nan)
+    acc = torch.where(support > 0, 100.0 * tp / support.clamp(min=1), nan)
+    total = float(cm.sum())
+    return {
+        "miou": float(iou.nanmean()) if bool((union > 0).any()) else float("nan"),
+        "pixel_acc": 100.0 * float(tp.sum()) / total if total else float("nan"),
+        "macc": float(acc.nanmean()) if bool((support > 0).any()) else float("nan"),
+        "iou": iou.tolist(),
+        "acc": acc.tolist(),
+    }
+
+
+# -------------------------------------------------------------------------------- monocular depth
+
+DEPTH_METRICS = ("rmse", "abs_rel", "sq_rel", "rmse_log", "log10", "silog", "delta1", "delta2", "delta3")
+
+
+def depth_crop_mask(height: int, width: int, crop: str | None) -> np.ndarray:
+    """(H, W) bool mask of the evaluation crop.
+
+    ``"eigen"`` (NYU): rows 45:471, columns 41:601 at 480x640, scaled proportionally (integer floor)
+    at other sizes. ``"garg"`` (KITTI): rows ``int(0.40810811 H):int(0.99189189 H)``, columns
+    ``int(0.03594771 W):int(0.96405229 W)``. ``None``: every pixel.
+    """
+    mask = np.zeros((height, width), bool)
+    if crop is None:
+        mask[:] = True
+    elif crop == "eigen":
+        mask[45 * height // 480: 471 * height // 480, 41 * width // 640: 601 * width // 640] = True
+    elif crop == "garg":
+        mask[int(0.40810811 * height): int(0.99189189 * height), int(0.03594771 * width): int(0.96405229 * width)] = True
+    else:
+        raise ValueError(f"crop must be 'eigen', 'garg' or None, got {crop!r}")
+    return mask
+
+
+def depth_metrics(pred: np.ndarray | Tensor, gt: np.ndarray | Tensor, *, min_depth: float = 1e-3,
+                  max_depth: float = 10.0, crop: str | None = None) -> dict[str, float]:
+    """Standard monocular-depth errors of one image (BTS / Monocular-Depth-Estimation-Toolbox).
+
+    Pixels count where ``gt`` is finite, > 0, within ``[min_depth, max_depth]`` and inside ``crop``;
+    ``pred`` is clipped to ``[min_depth, max_depth]`` first. With d = log(pred) - log(gt):
+    ``rmse`` sqrt(mean((p - g)^2)) in metres, ``abs_rel`` mean(|p - g| / g), ``sq_rel``
+    mean((p - g)^2 / g), ``rmse_log`` sqrt(mean(d^2)), ``log10`` mean(|log10 p - log10 g|),
+    ``silog`` 100 sqrt(mean(d^2) - mean(d)^2), ``delta{k}`` the fraction with max(p/g, g/p) < 1.25^k.
+    Average these per image over a data set (:func:`mean_depth_metrics`), as the toolboxes do.
+    """
+    from dinolab.data.depth import DepthDataError, valid_depth_mask
+
+    p = (pred.detach().cpu().numpy() if isinstance(pred, Tensor) else np.asarray(pred)).astype(np.float64)
+    g = (gt.detach().cpu().numpy() if isinstance(gt, Tensor) else np.asarray(gt)).astype(np.float64)
+    while p.ndim > 2 and p.shape[0] == 1:  # (1, 1, H, W) -> (H, W)
+        p = p[0]
+    while g.ndim > 2 and g.shape[0] == 1:
+        g = g[0]
+    if p.shape != g.shape or p.ndim != 2:
+        raise ValueError(f"pred {p.shape} and gt {g.shape} must be one (H, W) map each: resize the prediction "
+                         "to the ground-truth size first")
+    mask = valid_depth_mask(g, min_depth, max_depth) & depth_crop_mask(*g.shape, crop)
+    if not mask.any():
+        raise DepthDataError(f"no valid ground-truth pixel in [{min_depth:g}, {max_depth:g}] m inside crop {crop}")
+    if not np.isfinite(p[mask]).all():
+        raise ValueError("the prediction has non-finite values on valid pixels")
+    p, g = np.clip(p[mask], min_depth, max_depth), g[mask]
+    d = np.log(p) - np.log(g)
+    ratio = np.maximum(p / g, g / p)
+    return {
+        "rmse": float(np.sqrt(np.mean((p - g) ** 2))),
+        "abs_rel": float(np.mean(np.abs(p - g) / g)),
+        "sq_rel": float(np.mean((p - g) ** 2 / g)),
+        "rmse_log": float(np.sqrt(np.mean(d**2))),
+        "log10": float(np.mean(np.abs(np.log10(p) - np.log10(g)))),
+        "silog": float(100.0 * np.sqrt(max(np.mean(d**2) - np.mean(d) ** 2, 0.0))),
+        "delta1": float(np.mean(ratio < 1.25)),
+        "delta2": float(np.mean(ratio < 1.25**2)),
+        "delta3": float(np.mean(ratio < 1.25**3)),
+    }
+
+
+def mean_depth_metrics(per_image: Sequence[dict[str, float]]) -> dict[str, float]:
+    """The mean of each metric over images (every image weighs the same, whatever its valid pixels)."""
+    if not per_image:
+        raise ValueError("mean_depth_metrics needs at least one image's metrics")
+    return {k: float(np.mean([m[k] for m in per_image])) for k in per_image[0]}

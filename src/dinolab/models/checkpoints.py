@@ -21,6 +21,7 @@ import math
 import os
 import tempfile
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -178,15 +179,16 @@ def infer_variant(sd: StateDict, num_heads: int | None = None) -> Variant:
     regs = sd["register_tokens"].shape[1] if "register_tokens" in sd else 0
     swiglu = "blocks.0.mlp.w12.weight" in sd
     hidden = sd["blocks.0.mlp.w3.weight" if swiglu else "blocks.0.mlp.fc1.weight"].shape[1 if swiglu else 0]
+    layerscale = 1e-5 if "blocks.0.ls1.gamma" in sd else None
     for v in VARIANTS.values():
         if v.url and (v.embed_dim, v.depth, v.num_register_tokens, v.patch_size, v.img_size // 14) == (
-                dim, depth, regs, patch, grid) and (num_heads in (None, v.num_heads)):
+                dim, depth, regs, patch, grid) and (num_heads in (None, v.num_heads)) and layerscale:
             return v
     return Variant(  # own model: DINOv2 uses 64-dim heads everywhere; explicit-size pos-embed resizing
         name=f"custom_vit_d{dim}_l{depth}_p{patch}", embed_dim=dim, depth=depth,
         num_heads=num_heads or max(1, dim // 64), patch_size=patch, img_size=grid * patch,
         ffn="swiglu" if swiglu else "mlp", ffn_hidden=hidden, num_register_tokens=regs,
-        interpolate_offset=0.0, interpolate_antialias=True)
+        interpolate_offset=0.0, interpolate_antialias=True, layerscale=layerscale)
 
 
 def _sidecar_variant(path: Path) -> Variant | None:
@@ -229,6 +231,9 @@ def load_model(name_or_path: str | Path, *, weights: str | Path | None = None, a
         sd = read_state_dict(path)
         variant = (get_variant(arch, **overrides) if arch else
                    _sidecar_variant(path) or _hf_variant(path, sd) or infer_variant(sd, num_heads))
+    if sd is not None and (variant.layerscale is None) == any(k.endswith(".ls1.gamma") for k in sd):
+        # weights of a model trained without LayerScale (model.layerscale=null), or the reverse
+        variant = replace(variant, layerscale=None if variant.layerscale is not None else 1e-5)
     model = DinoVisionTransformer(**variant.model_kwargs())
     if sd is not None:
         try:

@@ -28,6 +28,7 @@ class Variant:
     num_register_tokens: int = 0
     interpolate_offset: float = 0.1
     interpolate_antialias: bool = False
+    layerscale: float | None = 1e-5  # LayerScale init; None: blocks without LayerScale (ls*.gamma)
     url: str | None = None
     sha256: str | None = None  # Meta publishes none; see checkpoints.download_weights
     aliases: tuple[str, ...] = ()

@@ -1,0 +1,9 @@
+"""``dinolab serve``: a web demo and a JSON/HTTP API over DINOv2 backbones.
+
+Modules: ``app`` (FastAPI app factory ``create_app``), ``routes`` (task endpoints), ``tasks`` (the
+computations, no HTTP), ``registry`` (served models, official weights or the fallback), ``fallback``
+(the self-pretrained model used offline), ``heads`` (segmentation / depth heads), ``inputs`` (upload
+checks), ``guards`` (model queue, body limit, deadline), ``settings`` (YAML + flags), ``gallery``
+(sample photos by id), ``static/`` (the page). FastAPI and uvicorn come with ``pip install
+'dinolab[serve]'``; importing this package alone needs neither.
+"""
