@@ -80,10 +80,7 @@ def run_one(preset: str, batch: int, mode: str, device: torch.device, iters: int
            "images_per_s": batch / sec, "step_s": sec, "warmup_s": warm_s}
     if cuda:
         res["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    del arch, optimizer
-    if cuda:
-        torch.cuda.empty_cache()
-    return res
+    return res  # arch, optimizer and data are freed with this frame; main() empties the CUDA cache
 
 
 def main() -> None:
@@ -106,6 +103,8 @@ def main() -> None:
                 r = run_one(preset, int(batch), mode, device, args.iters, args.warmup)
             except torch.OutOfMemoryError as e:
                 r = {"preset": preset, "batch": int(batch), "mode": mode, "error": f"OOM: {e}"[:200]}
+                torch.cuda.empty_cache()
+            if device.type == "cuda":
                 torch.cuda.empty_cache()
             rows.append(r)
             print(json.dumps(r), flush=True)

@@ -29,6 +29,15 @@ def _worker(rank: int, port: int, images: str, out: str, parallel: str = "ddp") 
     dist.destroy_process_group()
 
 
+def _images(tmp_path):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)).save(images / f"{i:03d}.png")
+    return images
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -36,11 +45,7 @@ def _free_port() -> int:
 
 
 def test_two_process_training_writes_one_loadable_run(tmp_path):
-    images = tmp_path / "imgs"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(40):
-        Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)).save(images / f"{i:03d}.png")
+    images = _images(tmp_path)
     out = tmp_path / "run"
     mp.start_processes(_worker, args=(_free_port(), str(images), str(out)), nprocs=2, join=True,
                        start_method="spawn")
@@ -54,11 +59,7 @@ def test_two_process_training_writes_one_loadable_run(tmp_path):
 
 def test_fsdp_training_matches_ddp_and_resumes_in_one_process(tmp_path):
     """train.parallel=fsdp: same weights as the DDP run; its checkpoint resumes without torchrun."""
-    images = tmp_path / "imgs"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(40):
-        Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)).save(images / f"{i:03d}.png")
+    images = _images(tmp_path)
     for parallel in ("ddp", "fsdp"):
         mp.start_processes(_worker, args=(_free_port(), str(images), str(tmp_path / parallel), parallel), nprocs=2,
                            join=True, start_method="spawn")

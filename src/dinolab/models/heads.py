@@ -8,6 +8,8 @@ Parameter names follow the official checkpoints (``mlp.0``, ``mlp.2``, ``mlp.4``
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -50,7 +52,7 @@ class DINOHead(nn.Module):
             raise ValueError(f"nlayers must be >= 1, got {nlayers}")
         dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
         layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        for i, (a, b) in enumerate(itertools.pairwise(dims)):
             layers.append(nn.Linear(a, b))
             if i < nlayers - 1:
                 layers.append(nn.GELU())
