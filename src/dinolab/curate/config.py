@@ -48,7 +48,7 @@ class DedupOptions:
     k: int = 16  # neighbours searched per image
     method: Literal["exact", "cluster", "ivf", "hnsw"] = "exact"
     nlist: int | None = None  # cluster / IVF cells (default sqrt(N) / ~4 sqrt(N))
-    nprobe: int = 16
+    nprobe: int | None = None  # cells searched per image (default: 1 for cluster, 16 for ivf)
     eval: tuple[str, ...] = ()  # embed folders of evaluation sets (same model) to protect
     eval_threshold: float | None = None  # default: threshold
     examples: int = 8  # duplicate pairs drawn in duplicates.png

@@ -74,7 +74,7 @@ def find_duplicates(
     device: str | torch.device | None = None,
     method: str = "exact",
     nlist: int | None = None,
-    nprobe: int = 16,
+    nprobe: int | None = None,
     progress: bool = False,
 ) -> DedupResult:
     """Near-duplicate components of ``features`` (N, D) by cosine similarity >= ``threshold``.
@@ -82,7 +82,8 @@ def find_duplicates(
     ``k``: neighbours searched per point (self excluded); ``chunk``: query and database chunk
     size of the exact search; ``device``: where the exact search runs (e.g. ``"cuda"``);
     ``method``: ``exact``, ``cluster`` (k-means cells, torch) or ``ivf`` / ``hnsw`` (faiss); ``nlist``
-    / ``nprobe``: cells and cells searched per point for ``cluster`` and ``ivf`` (module docstring).
+    / ``nprobe``: cells and cells searched per point for ``cluster`` (default nprobe 1) and ``ivf``
+    (default 16); see the module docstring.
     """
     _check_threshold(threshold)
     if k < 1:
@@ -97,9 +98,9 @@ def find_duplicates(
         scores, idx = topk_cosine(x, x, k + 1, query_chunk=chunk, db_chunk=max(chunk, k + 1),
                                   device=device, normalized=True, progress=progress)
     elif method == "cluster":
-        scores, idx = _cluster_neighbours(x, k + 1, nlist, nprobe, chunk, device, progress)
+        scores, idx = _cluster_neighbours(x, k + 1, nlist, nprobe or 1, chunk, device, progress)
     else:
-        scores, idx = _approximate_neighbours(x, k + 1, method, nlist, nprobe, chunk, progress)
+        scores, idx = _approximate_neighbours(x, k + 1, method, nlist, nprobe or 16, chunk, progress)
     s, nb = scores.numpy(), idx.numpy()
     rows = np.broadcast_to(np.arange(n)[:, None], nb.shape)
     hit = (s >= threshold) & (nb != rows) & (nb >= 0)

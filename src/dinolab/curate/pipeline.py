@@ -77,6 +77,7 @@ class Pool:
 
     @classmethod
     def open(cls, embed_dir: str | os.PathLike, *, key: str = "cls", images_root: str | None = None) -> Pool:
+        """Open a finished embed folder; image paths = ``images_root`` (default: its recorded id_root) / id."""
         ids, arrays = load_embeddings(embed_dir, mmap=True)
         if key not in arrays:
             raise DinolabError(f"{embed_dir} has no '{key}' features (has {sorted(arrays)}); embed with --pooling {key}")

@@ -132,9 +132,9 @@ class Server:
 def _load_index(settings: ServeSettings) -> Any | None:
     if not settings.index:
         return None
-    from dinolab.curate.index import ExactIndex
+    from dinolab.curate.index import load_index
 
-    return ExactIndex.load(settings.index)
+    return load_index(settings.index)  # exact or faiss (flat / IVF / HNSW / IVF-PQ)
 
 
 def _as_registry(models: ModelRegistry | Iterable[ServedModel] | nn.Module) -> ModelRegistry:
@@ -153,7 +153,7 @@ def create_app(settings: ServeSettings | None = None, *,
     Args:
         settings: limits, index, image folder, and the models to load when ``models`` is None.
         models: backbones to serve instead of loading ``settings.models`` (tests inject tiny ones).
-        index: an ``ExactIndex`` instead of loading ``settings.index``.
+        index: an ``ExactIndex`` or ``FaissIndex`` instead of loading ``settings.index``.
         progress: progress bars while loading (fallback pretraining, downloads).
     """
     settings = settings or ServeSettings()

@@ -184,7 +184,7 @@ def add_task_routes(app: FastAPI, srv: Server) -> None:
             scores, rows = index.search(q[None], k)
             hits = [{"rank": r + 1, "id": index.ids[i], "score": round(float(sc), 5),
                      "thumbnail": f"/v1/index/items/{i}" if srv.images_root else None}
-                    for r, (sc, i) in enumerate(zip(scores[0].tolist(), rows[0].tolist()))]
+                    for r, (sc, i) in enumerate(zip(scores[0].tolist(), rows[0].tolist())) if i >= 0]  # faiss: -1 = none
             warning = None
             if index.model_id and index.model_id not in (m.name, m.model_id):
                 warning = (f"the index was built with {index.model_id!r}; scores from {m.name} are "
