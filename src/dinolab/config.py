@@ -322,6 +322,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str) and value in args:
             return value
         raise DinolabError(f"{key}: expected one of {', '.join(map(repr, args))}, got {value!r}")
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]: any length
+        items = value if isinstance(value, (list, tuple)) else [value]  # a single value: a list of one
+        return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(items))
     if origin is tuple:
         if isinstance(value, (list, tuple)) and len(value) == len(args):
             return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
@@ -337,6 +340,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+    elif tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # a path or name that YAML read as a number
     elif isinstance(value, tp):  # str, bool
         return value
     raise DinolabError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")

@@ -8,17 +8,16 @@ default, so an empty file (or none) is a valid configuration once ``embeddings``
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
-import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_type_hints
 
 import yaml
 
+from dinolab.config import _build, _check_keys
 from dinolab.errors import DinolabError
 
 __all__ = ["STAGES", "ClusterOptions", "CurateConfig", "DedupOptions", "EmbedOptions", "SampleOptions", "SelectOptions",
@@ -134,57 +133,6 @@ def _read(source: str | os.PathLike | None) -> dict[str, Any]:
     return data or {}
 
 
-def _check_key(cls: type, key: str, prefix: str) -> None:
-    valid = [f.name for f in dataclasses.fields(cls)]
-    if key not in valid:
-        close = difflib.get_close_matches(key, valid, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        full = f"{prefix}.{key}" if prefix else key
-        where = f"under '{prefix}'" if prefix else "at the top level"
-        raise DinolabError(f"unknown curate option '{full}'{hint}; valid keys {where}: {', '.join(valid)}")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    origin, args = get_origin(tp), get_args(tp)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, key)
-    if origin is Literal:
-        if value in args:
-            return value
-        raise DinolabError(f"{key}: expected one of {', '.join(map(repr, args))}, got {value!r}")
-    if origin is tuple:  # tuple[X, ...]: a list of any length (a single value becomes a list of one)
-        items = value if isinstance(value, list | tuple) else [value]
-        return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(items))
-    if tp is float and isinstance(value, int | float | str) and not isinstance(value, bool):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    elif tp is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    elif tp is str and isinstance(value, str | int | float) and not isinstance(value, bool):
-        return str(value)
-    elif tp is bool and isinstance(value, bool):
-        return value
-    raise DinolabError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {type(value).__name__} {value!r}")
-
-
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise DinolabError(f"'{prefix or 'config'}' must be a mapping of keys, got {data!r}")
-    hints = get_type_hints(cls)
-    kwargs = {}
-    for name, value in data.items():
-        _check_key(cls, str(name), prefix)
-        key = f"{prefix}.{name}" if prefix else str(name)
-        tp = hints[name]
-        kwargs[name] = _build(tp, value or {}, key) if dataclasses.is_dataclass(tp) else _coerce(value, tp, key)
-    return cls(**kwargs)
-
-
 def _set(raw: dict[str, Any], dotted: str, value: Any, item: str) -> None:
     """Put ``value`` at ``a.b`` in the raw mapping; the key path is checked against the schema."""
     parts = dotted.strip().split(".")
@@ -194,7 +142,7 @@ def _set(raw: dict[str, Any], dotted: str, value: Any, item: str) -> None:
     for i, part in enumerate(parts):
         if not dataclasses.is_dataclass(cls):
             raise DinolabError(f"{'.'.join(parts[:i])!r} is a value, it has no key {part!r}")
-        _check_key(cls, part, ".".join(parts[:i]))
+        _check_keys(cls, [part], ".".join(parts[:i]))
         cls = get_type_hints(cls)[part]
     node = raw
     for part in parts[:-1]:
