@@ -1,7 +1,11 @@
 """Shared test fixtures."""
 
+import socket
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 
 @pytest.fixture
@@ -11,3 +15,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """A function returning a free loopback TCP port (rendezvous of the spawned gloo test processes)."""
+    return _free_port
+
+
+@pytest.fixture(scope="module")
+def corrupt_image_folder(tmp_path_factory):
+    """13 images of 32 x 32 px (uneven shards for 2 ranks) of which one is corrupt."""
+    d = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / f"img{i:02d}.png")
+    (d / "img05b.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    return d

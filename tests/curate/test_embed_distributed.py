@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from PIL import Image
 
 from dinolab import distributed as dd
 from dinolab.curate import embed as embed_module
@@ -23,11 +21,6 @@ WORLD = 2
 KW = {"model_id": "tiny", "transform": TF, "device": "cpu", "progress": False, "pooling": ("cls", "patch_mean"),
       "shard_size": 3, "batch_size": 2, "num_workers": 0}
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, port: int, folder: str, weights: str, out: str) -> None:
@@ -51,22 +44,16 @@ def _worker(rank: int, port: int, folder: str, weights: str, out: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """13 images (5 shards of 3, the last one short) of which one is corrupt."""
-    d = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    for i in range(12):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / f"img{i:02d}.png")
-    (d / "img05b.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    return d
+def folder(corrupt_image_folder):
+    return corrupt_image_folder
 
 
-def test_two_process_embed_equals_single_process(folder, tmp_path, monkeypatch, one_thread):
+def test_two_process_embed_equals_single_process(folder, tmp_path, monkeypatch, one_thread, free_port):
     torch.manual_seed(0)
     model = create_model("vit_tiny_patch4", depth=1)
     torch.save(model.state_dict(), tmp_path / "w.pt")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # inherited by the spawned children
-    mp.spawn(_worker, args=(_free_port(), str(folder), str(tmp_path / "w.pt"), str(tmp_path / "dist")),
+    mp.spawn(_worker, args=(free_port(), str(folder), str(tmp_path / "w.pt"), str(tmp_path / "dist")),
              nprocs=WORLD, join=True)
     single = embed(model, folder, tmp_path / "single", **KW)
     assert single.count == 12 and [i for i, _ in single.skipped] == ["img05b.jpg"]

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import os
-import socket
 
-import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from PIL import Image
 
 from dinolab import distributed as dd
 from dinolab.data.transforms import make_classification_transform
@@ -20,11 +17,6 @@ from dinolab.models import create_model
 TF = make_classification_transform(resize=32, crop=32)
 WORLD = 2
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, port: int, folder: str, weights: str, out: str) -> None:
@@ -54,22 +46,16 @@ def _worker(rank: int, port: int, folder: str, weights: str, out: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """13 images (uneven shards) of which one is corrupt."""
-    d = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    for i in range(12):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / f"img{i:02d}.png")
-    (d / "img05b.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    return d
+def folder(corrupt_image_folder):
+    return corrupt_image_folder
 
 
-def test_sharded_extract_features_equals_single_process(folder, tmp_path, monkeypatch):
+def test_sharded_extract_features_equals_single_process(folder, tmp_path, monkeypatch, free_port):
     torch.manual_seed(0)
     model = create_model("vit_tiny_patch4", depth=1)
     torch.save(model.state_dict(), tmp_path / "w.pt")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # inherited by the spawned children
-    mp.spawn(_worker, args=(_free_port(), str(folder), str(tmp_path / "w.pt"), str(tmp_path)),
+    mp.spawn(_worker, args=(free_port(), str(folder), str(tmp_path / "w.pt"), str(tmp_path)),
              nprocs=WORLD, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     here = extract_features(model, folder, transform=TF, batch_size=4, device="cpu", progress=False,

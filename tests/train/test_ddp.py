@@ -13,7 +13,6 @@ What DDP must do, checked on the ``cpu-smoke`` model (b images per rank, one glo
 from __future__ import annotations
 
 import os
-import socket
 import time
 from datetime import timedelta
 
@@ -122,19 +121,14 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
-def ddp_results(tmp_path_factory) -> list[dict]:
+def ddp_results(tmp_path_factory, free_port) -> list[dict]:
     out = tmp_path_factory.mktemp("ddp")
     old = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned children before torch starts
     try:
-        ctx = mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False,
+        ctx = mp.start_processes(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=False,
                                  start_method="spawn")
         deadline = time.monotonic() + 120
         while not ctx.join(timeout=1):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import torch
@@ -38,16 +37,11 @@ def _images(tmp_path):
     return images
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-def test_two_process_training_writes_one_loadable_run(tmp_path):
+def test_two_process_training_writes_one_loadable_run(tmp_path, free_port):
     images = _images(tmp_path)
     out = tmp_path / "run"
-    mp.start_processes(_worker, args=(_free_port(), str(images), str(out)), nprocs=2, join=True,
+    mp.start_processes(_worker, args=(free_port(), str(images), str(out)), nprocs=2, join=True,
                        start_method="spawn")
     assert (out / "results.json").exists()
     rank0, rank1 = (torch.load(out / f"result-rank{r}.pt", weights_only=True) for r in (0, 1))
@@ -57,11 +51,11 @@ def test_two_process_training_writes_one_loadable_run(tmp_path):
     assert backbone(torch.randn(1, 3, 32, 32)).cls_token.shape == (1, 192)
 
 
-def test_fsdp_training_matches_ddp_and_resumes_in_one_process(tmp_path):
+def test_fsdp_training_matches_ddp_and_resumes_in_one_process(tmp_path, free_port):
     """train.parallel=fsdp: same weights as the DDP run; its checkpoint resumes without torchrun."""
     images = _images(tmp_path)
     for parallel in ("ddp", "fsdp"):
-        mp.start_processes(_worker, args=(_free_port(), str(images), str(tmp_path / parallel), parallel), nprocs=2,
+        mp.start_processes(_worker, args=(free_port(), str(images), str(tmp_path / parallel), parallel), nprocs=2,
                            join=True, start_method="spawn")
     ddp, fsdp = (load_model(tmp_path / p / "teacher_backbone.pth").state_dict() for p in ("ddp", "fsdp"))
     for name, v in ddp.items():
