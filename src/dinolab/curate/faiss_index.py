@@ -36,7 +36,6 @@ here, when an index of this kind is built or loaded.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -46,6 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dinolab.curate.index import read_ids, read_index_meta
 from dinolab.errors import DinolabError
 from dinolab.io import atomic_write, atomic_write_json, atomic_write_text
 
@@ -115,11 +115,6 @@ def _unit_rows(x: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
     a = np.ascontiguousarray(a, dtype=np.float32)
     norms = np.linalg.norm(a, axis=1, keepdims=True)
     return a / np.maximum(norms, 1e-12)
-
-
-def _read_ids(path: Path) -> list[str]:
-    text = path.read_bytes().decode("utf-8", errors="surrogateescape")
-    return text.split("\n")[:-1] if text else []
 
 
 def _check_ids(ids: Sequence[str]) -> None:
@@ -239,14 +234,11 @@ class FaissIndex:
         """Read a folder written by ``save``."""
         faiss = import_faiss()
         folder = Path(folder)
-        meta_path = folder / "meta.json"
-        if not meta_path.is_file():
-            raise DinolabError(f"{folder} is not a complete index folder (no meta.json)")
-        meta = json.loads(meta_path.read_text())
+        meta = read_index_meta(folder)
         if meta.get("format") != FORMAT:
-            raise DinolabError(f"{meta_path}: not a faiss index folder (format {meta.get('format')!r})")
+            raise DinolabError(f"{folder / 'meta.json'}: not a faiss index folder (format {meta.get('format')!r})")
         index = faiss.read_index(str(folder / "index.faiss"))
-        ids = _read_ids(folder / "ids.txt")
+        ids = read_ids(folder / "ids.txt")
         if index.ntotal != meta["count"] or index.d != meta["dim"] or len(ids) != meta["count"]:
             raise DinolabError(f"{folder}: index ({index.ntotal} x {index.d}) / {len(ids)} ids disagree with "
                                f"meta.json (count={meta['count']}, dim={meta['dim']}); rebuild the index")

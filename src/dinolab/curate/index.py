@@ -160,15 +160,11 @@ class ExactIndex:
     ) -> ExactIndex:
         """Read a folder written by ``save``; ``mmap=True`` memory-maps features.npy (CPU only)."""
         folder = Path(folder)
-        meta_path = folder / "meta.json"
-        if not meta_path.is_file():
-            raise DinolabError(f"{folder} is not a complete index folder (no meta.json)")
-        meta = json.loads(meta_path.read_text())
+        meta = read_index_meta(folder)
         if meta.get("format") != FORMAT:
-            raise DinolabError(f"{meta_path}: unknown index format {meta.get('format')!r}")
+            raise DinolabError(f"{folder / 'meta.json'}: unknown index format {meta.get('format')!r}")
         feats = np.load(folder / "features.npy", mmap_mode="c" if mmap else None)  # "c": writable view
-        text = (folder / "ids.txt").read_bytes().decode("utf-8", errors="surrogateescape")
-        ids = text.split("\n")[:-1] if text else []
+        ids = read_ids(folder / "ids.txt")
         if feats.shape != (meta["count"], meta["dim"]) or len(ids) != meta["count"]:
             raise DinolabError(
                 f"{folder}: features {feats.shape} / {len(ids)} ids disagree with meta.json "
@@ -217,12 +213,23 @@ def make_index(
     return faiss_index.FaissIndex(features, ids, model_id, kind=kind, info=info, **faiss_kw)
 
 
-def load_index(folder: str | os.PathLike, *, device: str | torch.device | None = None, mmap: bool = False) -> Index:
-    """Open an index folder written by ``ExactIndex.save`` or ``FaissIndex.save``."""
+def read_index_meta(folder: str | os.PathLike) -> dict[str, Any]:
+    """``meta.json`` of an index folder; ``DinolabError`` when the folder is not a complete index."""
     meta_path = Path(folder) / "meta.json"
     if not meta_path.is_file():
         raise DinolabError(f"{folder} is not a complete index folder (no meta.json); build it with dinolab index build")
-    fmt = json.loads(meta_path.read_text()).get("format")
+    return json.loads(meta_path.read_text())
+
+
+def read_ids(path: str | os.PathLike) -> list[str]:
+    """The ids of ``ids.txt`` (one per line; undecodable file-name bytes kept via surrogateescape)."""
+    text = Path(path).read_bytes().decode("utf-8", errors="surrogateescape")
+    return text.split("\n")[:-1] if text else []
+
+
+def load_index(folder: str | os.PathLike, *, device: str | torch.device | None = None, mmap: bool = False) -> Index:
+    """Open an index folder written by ``ExactIndex.save`` or ``FaissIndex.save``."""
+    fmt = read_index_meta(folder).get("format")
     if fmt == FORMAT:
         return ExactIndex.load(folder, device=device, mmap=mmap)
     from dinolab.curate.faiss_index import FORMAT as FAISS_FORMAT
@@ -230,7 +237,7 @@ def load_index(folder: str | os.PathLike, *, device: str | torch.device | None =
 
     if fmt == FAISS_FORMAT:
         return FaissIndex.load(folder)
-    raise DinolabError(f"{meta_path}: unknown index format {fmt!r}")
+    raise DinolabError(f"{Path(folder) / 'meta.json'}: unknown index format {fmt!r}")
 
 
 # --------------------------------------------------------------------------- retrieval metrics
