@@ -140,6 +140,7 @@ class TrainConfig:
     parallel: Literal["auto", "ddp", "fsdp"] = "auto"  # under torchrun; auto = ddp (fsdp: ViT-g preset)
     compile: bool = False  # torch.compile every backbone block (student and teacher)
     activation_checkpointing: bool = False  # recompute student blocks in the backward: less memory
+    packed_crops: bool = False  # student runs global + local crops in one packed pass (else two passes)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -70,3 +70,33 @@ def test_fit_to_patch_crop_and_pad():
     assert fit_to_patch(x, 14, "crop").shape[-2:] == (28, 42)
     padded = fit_to_patch(x, 14, "pad")
     assert padded.shape[-2:] == (42, 56) and torch.equal(padded[..., :30, :45], x)
+
+
+@pytest.mark.parametrize("name", ["dinov2_vits14", "dinov2_vits14_reg"])
+def test_packed_pass_equals_separate_passes(name):
+    """forward([a, b], masks=[m, None]) = [forward(a, m), forward(b)]: attention stays inside each image."""
+    torch.manual_seed(0)
+    model = create_model(name, depth=2, layerscale=0.5).eval()
+    a, b = torch.randn(3, 3, 42, 56), torch.randn(5, 3, 28, 28)
+    masks = torch.rand(3, 12) < 0.4
+    packed = model([a, b], masks=[masks, None])
+    for got, want in zip(packed, (model(a, masks), model(b)), strict=True):
+        assert got.grid == want.grid
+        for field in ("cls_token", "register_tokens", "patch_tokens", "prenorm"):
+            torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=1e-4, atol=1e-5)
+    assert packed[0].masks is masks and packed[1].masks is None
+    with pytest.raises(ValueError, match="2 image batches but 1 masks"):
+        model([a, b], masks=[masks])
+
+
+def test_packed_drop_path_drops_whole_images():
+    from dinolab.models.layers import DropPath
+
+    torch.manual_seed(0)
+    shapes = ((30, 5), (50, 3))  # 30 images of 5 tokens, then 50 images of 3
+    x = torch.ones(30 * 5 + 50 * 3, 4)
+    y = DropPath(0.5).train()(x, shapes)
+    assert set(y.unique().tolist()) == {0.0, 2.0}  # dropped, or kept and rescaled by 1 / keep
+    images = list(y[:150].view(30, 20)) + list(y[150:].view(50, 12))  # each row: one image's tokens
+    assert all((img == img[0]).all() for img in images)  # every token of an image shares its draw
+    assert 20 < sum(int(img[0] == 0) for img in images) < 60  # about half of the 80 images dropped

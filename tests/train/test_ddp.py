@@ -34,6 +34,7 @@ WORLD, B, TEMP, SEED = 2, 2, 0.04, 0
 CASES = {  # name -> (config overrides, activation checkpointing in the DDP run)
     "softmax": ([], True),  # drop path 0.1 in the student: checkpointing must replay the same drops
     "sinkhorn": (["loss.centering=sinkhorn_knopp"], False),
+    "packed": (["train.packed_crops=true"], True),  # global + local crops in one packed student pass
 }
 
 
@@ -144,14 +145,15 @@ def ddp_results(tmp_path_factory, free_port) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 
-def test_gradients_are_the_mean_of_the_halves(ddp_results):
+@pytest.mark.parametrize("case", ["softmax", "packed"])
+def test_gradients_are_the_mean_of_the_halves(ddp_results, case):
     refs = []
     for rank in range(WORLD):
-        arch = _arch("softmax")
+        arch = _arch(case)
         _step(arch, _half_batch(rank), rank)
         refs.append(_grads(arch))
     for rank, res in enumerate(ddp_results):
-        got = res["softmax"]["grads"]
+        got = res[case]["grads"]
         assert got.keys() == refs[0].keys()
         for name, g in got.items():
             torch.testing.assert_close(g, (refs[0][name] + refs[1][name]) / 2, rtol=1e-5, atol=1e-6,

@@ -23,13 +23,14 @@ def _batch(n_images=4, n_local=2, seed=0):
     return collate_multicrop([aug(im) for im in imgs], grid=(8, 8), rng=np.random.default_rng(seed))
 
 
-def _arch(shared=False, centering="softmax", weights=LossWeights()):
+def _arch(shared=False, centering="softmax", weights=LossWeights(), packed=False):
     torch.manual_seed(0)
     backbone = create_model("vit_tiny_patch4", depth=2)
     head = DINOHead(192, 64, hidden_dim=32, bottleneck_dim=16)
     ibot = head if shared else DINOHead(192, 64, hidden_dim=32, bottleneck_dim=16)
     make = (lambda: SoftmaxCentering(64)) if centering == "softmax" else (lambda: SinkhornKnopp(3))
-    return SSLMetaArch(backbone, head, ibot, dino_centering=make(), ibot_centering=make(), weights=weights)
+    return SSLMetaArch(backbone, head, ibot, dino_centering=make(), ibot_centering=make(), weights=weights,
+                       packed_crops=packed)
 
 
 @pytest.mark.parametrize("shared,centering", [(False, "softmax"), (True, "sinkhorn")])
@@ -78,3 +79,21 @@ def test_teacher_has_no_stochastic_depth():
                         dino_centering=SoftmaxCentering(64), ibot_centering=SoftmaxCentering(64))
     assert all(m.p == 0.0 for m in arch2.teacher.modules() if isinstance(m, DropPath))
     assert arch2.student["backbone"].blocks[0].drop_path1.p == 0.3
+
+
+@pytest.mark.parametrize("n_local", [2, 0])
+def test_packed_crop_pass_gives_the_same_step(n_local):
+    """One packed student pass over global + local crops = two separate passes: same loss, same gradients."""
+    batch = _batch(n_local=n_local)
+    results = []
+    for packed in (False, True):
+        arch = _arch(packed=packed)
+        loss, metrics = arch.forward_backward(batch, teacher_temp=0.04)
+        grads = {n: p.grad.clone() for n, p in arch.student.named_parameters() if p.grad is not None}
+        results.append((loss, metrics, grads))
+    (l0, m0, g0), (l1, m1, g1) = results
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+    assert m1["dino"] == pytest.approx(m0["dino"], rel=1e-5) and m1["ibot"] == pytest.approx(m0["ibot"], rel=1e-5)
+    assert g1.keys() == g0.keys() and "backbone.mask_token" in g1
+    for name, g in g1.items():
+        torch.testing.assert_close(g, g0[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -3,6 +3,14 @@
 Attribute names mirror the official checkpoint keys (``norm1``, ``attn.qkv``, ``ls1.gamma``,
 ``mlp.fc1`` / ``mlp.w12`` ...), so official weights load with ``strict=True`` and no renaming.
 Optional parts resolve to ``nn.Identity`` in ``__init__`` so ``forward`` has no branches.
+
+Packed sequences: ``Block``, ``Attention`` and ``DropPath`` also take ``(T, D)`` tokens of several
+batches of different lengths laid end to end, with ``seq_shapes = ((B1, N1), (B2, N2), ...)``
+(``T = sum(Bi * Ni)``). Norms, linear layers and LayerScale then run once on all tokens (one
+large matrix product instead of one per crop size), attention runs per group (a token attends
+only within its own image), and stochastic depth drops whole images. This is the "one packed
+pass" over global and local crops; the official code does the same with xformers'
+block-diagonal attention masks.
 """
 
 from __future__ import annotations
@@ -10,6 +18,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+SeqShapes = tuple[tuple[int, int], ...]
+"""``((B1, N1), (B2, N2), ...)``: batch size and sequence length of each group in a packed tensor."""
 
 
 class PatchEmbed(nn.Module):
@@ -52,11 +63,16 @@ class DropPath(nn.Module):
         super().__init__()
         self.p = p
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, seq_shapes: SeqShapes | None = None) -> Tensor:
         if not self.training or self.p == 0.0:
             return x
         keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        if seq_shapes is None:
+            mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        else:  # packed (T, D): one draw per image, repeated over its tokens
+            draws = x.new_empty(sum(b for b, _ in seq_shapes)).bernoulli_(keep).split([b for b, _ in seq_shapes])
+            mask = torch.cat([d.unsqueeze(1).expand(b, n).reshape(-1) for d, (b, n) in zip(draws, seq_shapes)])
+            mask = mask.unsqueeze(-1)
         return x * mask / keep
 
 
@@ -71,12 +87,22 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        B, N, D = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads)
+    def forward(self, x: Tensor, seq_shapes: SeqShapes | None = None) -> Tensor:
+        if seq_shapes is None:
+            B, N, D = x.shape
+            return self.proj(self._attend(self.qkv(x), B, N).reshape(B, N, D))
+        # packed (T, D): one qkv / proj matmul over all tokens, attention within each group
+        qkv = self.qkv(x).split([b * n for b, n in seq_shapes])
+        out = [self._attend(part, b, n).flatten(0, 1) for part, (b, n) in zip(qkv, seq_shapes)]
+        return self.proj(torch.cat(out))
+
+    def _attend(self, qkv: Tensor, B: int, N: int) -> Tensor:
+        """qkv rows of B sequences of N tokens -> attention output (B, N, heads * head_dim)."""
+        D = qkv.shape[-1] // 3
+        qkv = qkv.reshape(B, N, 3, self.num_heads, D // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, head_dim)
         x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
-        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+        return x.transpose(1, 2).reshape(B, N, D)
 
 
 class Mlp(nn.Module):
@@ -132,6 +158,7 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, layerscale) if layerscale else nn.Identity()
         self.drop_path2 = DropPath(drop_path)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+    def forward(self, x: Tensor, seq_shapes: SeqShapes | None = None) -> Tensor:
+        """(B, N, D) tokens, or packed (T, D) tokens with their ``seq_shapes`` (module docstring)."""
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), seq_shapes)), seq_shapes)
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))), seq_shapes)

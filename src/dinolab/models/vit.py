@@ -186,6 +186,31 @@ class DinoVisionTransformer(nn.Module):
         t = self.prepare_tokens(x, masks)
         for blk in self.blocks:
             t = blk(t)
+        return self._output(t, grid, masks)
+
+    def forward_features_list(self, xs: Sequence[Tensor], masks: Sequence[Tensor | None] | None = None
+                              ) -> list[BackboneOutput]:
+        """Several batches of different image sizes in one packed pass (``dinolab.models.layers``).
+
+        Equal to ``[forward_features(x, m) for x, m in zip(xs, masks)]`` up to float rounding, with
+        one matrix product per linear layer for all batches together; attention stays within
+        each image. DINOv2 training runs the global and the local crops this way.
+        """
+        masks = list(masks) if masks is not None else [None] * len(xs)
+        if len(masks) != len(xs):
+            raise ValueError(f"got {len(xs)} image batches but {len(masks)} masks")
+        tokens = [self.prepare_tokens(x, m) for x, m in zip(xs, masks)]
+        shapes = tuple((t.shape[0], t.shape[1]) for t in tokens)
+        t = torch.cat([t.flatten(0, 1) for t in tokens])  # (sum B_i * N_i, D)
+        for blk in self.blocks:
+            t = blk(t, shapes)
+        outs = []
+        for part, (b, n), x, m in zip(t.split([b * n for b, n in shapes]), shapes, xs, masks):
+            grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+            outs.append(self._output(part.view(b, n, -1), grid, m))
+        return outs
+
+    def _output(self, t: Tensor, grid: tuple[int, int], masks: Tensor | None) -> BackboneOutput:
         normed = self.norm(t)
         r = self.num_prefix_tokens
         return BackboneOutput(
@@ -197,7 +222,12 @@ class DinoVisionTransformer(nn.Module):
             masks=masks,
         )
 
-    def forward(self, x: Tensor, masks: Tensor | None = None) -> BackboneOutput:
+    def forward(self, x: Tensor | Sequence[Tensor], masks: Tensor | Sequence[Tensor | None] | None = None
+                ) -> BackboneOutput | list[BackboneOutput]:
+        """``forward_features``; a list of batches goes through ``forward_features_list`` (packed),
+        so wrappers that hook ``forward`` (DDP, FSDP2, compile) see both kinds of call."""
+        if isinstance(x, (list, tuple)):
+            return self.forward_features_list(x, masks)
         return self.forward_features(x, masks)
 
     def get_intermediate_layers(

@@ -31,6 +31,7 @@ def build_arch(cfg: Config, reduce: Reduce | None = None) -> SSLMetaArch:
     ibot_head = DINOHead(backbone.embed_dim, **ibot_dims) if h.separate_ibot_head else dino_head
     weights = LossWeights(cfg.loss.dino_weight, cfg.loss.ibot_weight, cfg.loss.koleo_weight)
     return SSLMetaArch(backbone, dino_head, ibot_head, weights=weights, student_temp=cfg.loss.student_temp,
+                       packed_crops=cfg.train.packed_crops,
                        dino_centering=build_centering(cfg, h.out_dim, reduce),
                        ibot_centering=build_centering(cfg, ibot_dims["out_dim"], reduce))
 

@@ -44,11 +44,14 @@ class SSLMetaArch(nn.Module):
         dino_head, ibot_head: projection heads; pass the same module twice to share them.
         dino_centering, ibot_centering: teacher-target centering objects (``dinolab.losses``).
         weights: loss weights. student_temp: student softmax temperature (0.1).
+        packed_crops: run the student's global and local crops in one packed backbone pass
+            (``forward_features_list``) instead of two; same result up to float rounding.
     """
 
     def __init__(self, backbone: nn.Module, dino_head: nn.Module, ibot_head: nn.Module, *,
                  dino_centering: TeacherCentering, ibot_centering: TeacherCentering,
-                 weights: LossWeights = LossWeights(), student_temp: float = 0.1) -> None:
+                 weights: LossWeights = LossWeights(), student_temp: float = 0.1,
+                 packed_crops: bool = False) -> None:
         super().__init__()
         self.student = nn.ModuleDict({"backbone": backbone, "dino_head": dino_head})
         self.shared_heads = ibot_head is dino_head
@@ -60,6 +63,7 @@ class SSLMetaArch(nn.Module):
                 m.p = 0.0
         self.dino_centering, self.ibot_centering = dino_centering, ibot_centering
         self.weights = weights
+        self.packed_crops = packed_crops
         self.dino_loss, self.ibot_loss = DINOLoss(student_temp), iBOTPatchLoss(student_temp)
         self.koleo_loss = KoLeoLoss()
 
@@ -83,12 +87,16 @@ class SSLMetaArch(nn.Module):
     def student_outputs(self, *, global_crops: Tensor, local_crops: Tensor, masks: Tensor,
                         mask_indices: Tensor) -> dict[str, Tensor]:
         """Student logits: global (2, B, K), local (L, B, K), masked patches (M, K); CLS (2B, D)."""
-        g = self.student["backbone"](global_crops, masks=masks)
+        backbone, has_local = self.student["backbone"], local_crops.numel() > 0
+        if self.packed_crops and has_local:
+            g, loc = backbone([global_crops, local_crops], masks=[masks, None])
+        else:
+            g = backbone(global_crops, masks=masks)
+            loc = backbone(local_crops) if has_local else None
         out = {"global": self.student["dino_head"](g.cls_token).unflatten(0, (2, -1)), "cls": g.cls_token}
         out["ibot"] = self._ibot_head(self.student)(g.patch_tokens.flatten(0, 1)[mask_indices])
-        if local_crops.numel():
-            local_cls = self.student["backbone"](local_crops).cls_token  # (L*B, D)
-            out["local"] = self.student["dino_head"](local_cls).unflatten(0, (-1, out["global"].shape[1]))
+        if loc is not None:  # local CLS (L*B, D)
+            out["local"] = self.student["dino_head"](loc.cls_token).unflatten(0, (-1, out["global"].shape[1]))
         return out
 
     def losses(self, s: dict[str, Tensor], dino_t: Tensor, ibot_t: Tensor, *, masks_weight: Tensor
