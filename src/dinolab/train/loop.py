@@ -249,6 +249,8 @@ def _log(run: _Run, m: dict, bar, *, last: bool) -> None:
 def _finish(run_dir: Path, teacher: torch.nn.Module, monitor, total: int, skipped_images: int, seconds: float,
             knn: KnnMonitor | None) -> dict:
     """Export the teacher backbone, plot the losses, write results.json."""
+    if total >= monitor.grace:  # the last window, whatever the check period
+        monitor.check(total)
     export = save_official(teacher, run_dir / "teacher_backbone.pth")
     plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
     results = {"iterations": total, "teacher_backbone": str(export), "skipped_images": skipped_images,
@@ -256,7 +258,7 @@ def _finish(run_dir: Path, teacher: torch.nn.Module, monitor, total: int, skippe
     if knn:
         results["knn"] = knn.history
     atomic_write_json(run_dir / "results.json", results)
-    for warning in monitor.warnings:
+    for warning in monitor.warnings:  # again at the end, where they are seen
         log.warning(warning)
     log.info("exported %s", export)
     return results
