@@ -46,7 +46,7 @@ def backbones(args: argparse.Namespace) -> list[tuple[str, str, torch.nn.Module]
         variant = _sidecar_variant(args.backbone) or infer_variant(read_state_dict(args.backbone))
         rows.append(("checkpoint", str(args.backbone), ckpt))
         torch.manual_seed(args.seed)
-        rows.append(("random-init", f"{variant.name} (create_model, LayerScale 1e-5)",
+        rows.append(("random-init", f"{variant.name} (random init, LayerScale {variant.layerscale})",
                      DinoVisionTransformer(**variant.model_kwargs()).eval()))
         patch = ckpt.patch_size
     else:
