@@ -73,3 +73,23 @@ def test_full_fallback_recipe_within_budget(tmp_path, monkeypatch):
     print(f"fallback pretraining: {seconds:.0f} s; CLS spread across the 16 photos {spread:.3f}")
     assert spread > 0.05, "the fallback's CLS features collapsed to one point"
     assert seconds < 600
+
+
+def test_fallback_training_keeps_monitor_warnings_out_of_the_serve_log(caplog):
+    """The demo recipe's monitor warnings (no knob for a serve user) are silenced while it trains,
+    and the logger is restored afterwards."""
+    import logging
+
+    from dinolab.train.monitor import CollapseMonitor
+
+    monitor_log = logging.getLogger("dinolab.train.monitor")
+    before = monitor_log.level
+    with caplog.at_level(logging.WARNING):
+        with fallback._quiet_monitor():
+            m = CollapseMonitor(64, grace=1, every=1)
+            m.update(1, {"prototypes_in_use": 1.0, "cls_std_x_sqrt_d": 0.0, "dino": 4.16, "log_k": 4.16})
+        assert len(m.warnings) == 3  # found and kept for results.json ...
+        assert not [r for r in caplog.records if r.name == "dinolab.train.monitor"]  # ... but not logged
+        m.log_warnings()
+        assert len([r for r in caplog.records if r.name == "dinolab.train.monitor"]) == 3
+    assert monitor_log.level == before

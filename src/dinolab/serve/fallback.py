@@ -138,11 +138,25 @@ def ensure_fallback(overrides: Sequence[str] = (), *, device: str | None = None,
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output_dir=str(run_dir)))
         log.info("pretraining the fallback model into %s (%d steps; cached for later starts)", run_dir,
                  cfg.train.epochs * cfg.train.iters_per_epoch)
-        train(cfg, str(photos), device=device, progress=progress)
+        with _quiet_monitor():  # a demo recipe: the user of `serve` has no knob to turn
+            train(cfg, str(photos), device=device, progress=progress)
         if not export.is_file():
             raise RuntimeError(f"fallback pretraining finished without writing {export}")
         _ensure_unit_layerscale(export, cfg)
     return export
+
+
+@contextlib.contextmanager
+def _quiet_monitor():
+    """Keep the pretraining monitor's warnings (weak learning signal ...) out of the serve log while
+    the fallback trains; they stay in the fallback run's results.json."""
+    monitor_log = logging.getLogger("dinolab.train.monitor")
+    level = monitor_log.level
+    monitor_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        monitor_log.setLevel(level)
 
 
 def _ensure_unit_layerscale(path: Path, cfg: Config) -> None:

@@ -258,7 +258,6 @@ def _finish(run_dir: Path, teacher: torch.nn.Module, monitor, total: int, skippe
     if knn:
         results["knn"] = knn.history
     atomic_write_json(run_dir / "results.json", results)
-    for warning in monitor.warnings:  # again at the end, where they are seen
-        log.warning(warning)
+    monitor.log_warnings()  # again at the end, where they are seen
     log.info("exported %s", export)
     return results

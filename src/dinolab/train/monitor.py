@@ -62,14 +62,14 @@ class CollapseMonitor:
         in_use, spread = self._mean("prototypes_in_use"), self._mean("cls_std_x_sqrt_d")
         dino, log_k = self._mean("dino"), self._mean("log_k")
         if in_use < max(2.0, 0.01 * self.out_dim):
-            found.append(("prototypes", f"collapse suspected at iteration {iteration}: the teacher uses ~{in_use:.1f} of "
-                          f"{self.out_dim} prototypes", ADVICE))
+            found.append(("prototypes", (f"collapse suspected at iteration {iteration}: the teacher uses ~{in_use:.1f} of "
+                          f"{self.out_dim} prototypes"), ADVICE))
         if spread < 0.1:
-            found.append(("spread", f"collapse suspected at iteration {iteration}: student features have spread "
-                          f"{spread:.3f} (about 1 is healthy)", ADVICE))
+            found.append(("spread", (f"collapse suspected at iteration {iteration}: student features have spread "
+                          f"{spread:.3f} (about 1 is healthy)"), ADVICE))
         if dino > WEAK_SIGNAL_FRACTION * log_k:
-            found.append(("signal", f"weak learning signal at iteration {iteration}: DINO loss {dino:.3f} is within "
-                          f"{1 - WEAK_SIGNAL_FRACTION:.0%} of log K = {log_k:.3f} (near-uniform teacher targets)",
+            found.append(("signal", (f"weak learning signal at iteration {iteration}: DINO loss {dino:.3f} is within "
+                          f"{1 - WEAK_SIGNAL_FRACTION:.0%} of log K = {log_k:.3f} (near-uniform teacher targets)"),
                           SHORT_RUN_ADVICE))
         new = [f"{w}; {advice}" for kind, w, advice in found if kind not in self._kinds]
         self._kinds.update(kind for kind, _, _ in found)
@@ -77,6 +77,11 @@ class CollapseMonitor:
             log.warning(w)
         self.warnings += new
         return new
+
+    def log_warnings(self) -> None:
+        """Log every warning so far again (end of run), on this module's logger."""
+        for w in self.warnings:
+            log.warning(w)
 
     def summary(self) -> dict:
         """Last-window means of the signals and all warnings, for ``results.json``."""
