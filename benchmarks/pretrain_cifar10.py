@@ -44,6 +44,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     ap.add_argument("--out", type=Path, default=None, help="run folder (default runs/pretrain_cifar10-<profile>)")
+    ap.add_argument("--json", type=Path, default=None,
+                    help="summary file (default benchmarks/results/pretrain_cifar10-<profile>.json)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     out = args.out or Path("runs") / f"pretrain_cifar10-{args.profile}"
@@ -59,7 +61,7 @@ def main() -> None:
         "images_per_s_final": metrics[-1]["images_per_s"], "knn": res.get("knn"),
         "collapse": {k: res.get(k) for k in ("final", "collapse_warnings")}, "config": config_to_dict(cfg),
     }
-    path = Path(__file__).parent / "results" / f"pretrain_cifar10-{args.profile}.json"
+    path = args.json or Path(__file__).parent / "results" / f"pretrain_cifar10-{args.profile}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary, indent=1, default=str))
     print(json.dumps({k: summary[k] for k in ("train_wall_s", "total_wall_s_incl_eval", "images_per_s_final", "knn")},

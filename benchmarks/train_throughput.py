@@ -119,6 +119,9 @@ def main() -> None:
                     r = run_one(preset, int(batch), mode, device, args.iters, args.warmup)
                 except torch.OutOfMemoryError as e:
                     r = {"preset": preset, "batch": int(batch), "mode": mode, "error": f"OOM: {e}"[:200]}
+                except Exception as e:  # noqa: BLE001 - a mode that fails (e.g. compile) must not lose the others
+                    r = {"preset": preset, "batch": int(batch), "mode": mode,
+                         "error": f"{type(e).__name__}: {e}"[:300]}
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 runs[mode].append(r)
