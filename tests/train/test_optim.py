@@ -136,3 +136,31 @@ def test_wrapped_backbone_names_are_understood():
     for n, (g, _) in want.items():
         other = got[f"_orig_mod.{n}"][0]
         assert (other["lr_multiplier"], other["wd_multiplier"]) == (g["lr_multiplier"], g["wd_multiplier"])
+
+
+def test_fused_adamw_only_for_plain_cuda_parameters():
+    from dinolab.train.build import use_fused_adamw
+
+    cpu = [nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2))]
+    assert not use_fused_adamw(cpu)
+    assert not use_fused_adamw([])
+    frozen_only = [nn.Parameter(torch.zeros(2), requires_grad=False)]
+    assert not use_fused_adamw(frozen_only)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_adamw_on_cuda_builds_and_steps():
+    from dinolab.config import load_config
+    from dinolab.train.build import build_arch, build_optimizer, use_fused_adamw
+
+    arch = build_arch(load_config("cpu-smoke")).cuda()
+    assert use_fused_adamw(arch.student.parameters())
+    opt = build_optimizer(load_config("cpu-smoke"), arch)
+    assert all(g.get("fused") for g in opt.param_groups)
+    for p in arch.student.parameters():
+        p.grad = torch.ones_like(p)
+    apply_schedules(opt, lr=1e-3, wd=0.04, last_layer_lr=1e-3)
+    before = next(arch.student.parameters()).detach().clone()
+    opt.step()
+    assert not torch.equal(before, next(arch.student.parameters()))

@@ -47,9 +47,23 @@ def build_augmentation(cfg: Config, *, highres: bool = False) -> MultiCropAugmen
 
 
 def build_optimizer(cfg: Config, arch: SSLMetaArch) -> torch.optim.AdamW:
+    """AdamW over the student's parameter groups; call it after ``parallelize`` (parameters on their
+    device, FSDP shards in place). On CUDA with plain (unsharded) parameters it uses PyTorch's fused
+    AdamW kernel, one kernel for the whole update; elsewhere PyTorch's default implementation."""
     o = cfg.optim
     groups = param_groups(arch.student, lr_decay_rate=o.layerwise_decay, patch_embed_lr_mult=o.patch_embed_lr_mult)
-    return make_adamw(groups, betas=tuple(o.betas))
+    return make_adamw(groups, betas=tuple(o.betas), fused=True if use_fused_adamw(arch.student.parameters()) else None)
+
+
+def use_fused_adamw(params) -> bool:
+    """True when every trainable parameter is a plain CUDA tensor (FSDP's DTensor shards keep the default)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch build without distributed support has no shards either
+        DTensor = ()  # isinstance(x, ()) is always False
+
+    params = [p for p in params if p.requires_grad]
+    return bool(params) and all(p.is_cuda and not isinstance(p, DTensor) for p in params)
 
 
 def build_training_schedules(cfg: Config, iters_per_epoch: int, world_size: int = 1) -> Schedules:
