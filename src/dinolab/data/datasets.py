@@ -232,18 +232,24 @@ def load_labeled(source: str | os.PathLike, *, cache_dir: str | os.PathLike | No
                        f"archive of one, or a {'/'.join(LIST_SUFFIXES)} list file of 'path label' lines")
 
 
+def find_shared_data(folder: str) -> tuple[Path | None, list[Path]]:
+    """``../shared/data/<folder>``, looked for from the current folder, then from the repository of an
+    editable install: (the first that exists, or None; every place looked in, for the error)."""
+    candidates = [Path("..") / "shared" / "data" / folder]
+    here = Path(__file__).resolve().parents
+    if len(here) > 3:  # src/dinolab/data/datasets.py in an editable install: parents[3] = repo root
+        candidates.append(here[3].parent / "shared" / "data" / folder)
+    return next((c for c in candidates if c.is_dir()), None), candidates
+
+
 def _cifar10_root(root: str | os.PathLike | None) -> Path:
     if root is not None:
         return Path(root)
     if "DINOLAB_CIFAR10" in os.environ:
         return Path(os.environ["DINOLAB_CIFAR10"])
-    candidates = [Path("..") / "shared" / "data" / "cifar10"]
-    here = Path(__file__).resolve().parents
-    if len(here) > 3:  # src/dinolab/data/datasets.py in an editable install: parents[3] = repo root
-        candidates.append(here[3].parent / "shared" / "data" / "cifar10")
-    for c in candidates:
-        if c.is_dir():
-            return c
+    found, candidates = find_shared_data("cifar10")
+    if found is not None:
+        return found
     raise DinolabError(
         "CIFAR-10 not found: put train.tar.gz and test.tar.gz (ImageFolder JPEGs, <class>/NNNN.jpg) in a "
         "folder and set DINOLAB_CIFAR10=<folder> or pass root=; looked in "

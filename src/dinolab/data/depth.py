@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dinolab.data.datasets import TAR_SUFFIXES, _dataset_root, _extract_once, _has_suffix
+from dinolab.data.datasets import TAR_SUFFIXES, _dataset_root, _extract_once, _has_suffix, find_shared_data
 from dinolab.data.images import IMAGE_EXTENSIONS, load_rgb
 from dinolab.errors import DinolabError
 
@@ -217,13 +217,9 @@ def _shared_data_dir(folder: str, root: str | os.PathLike | None) -> Path:
     the current folder or from the repository of an editable install)."""
     if root is not None or "DINOLAB_DEPTH_DATA" in os.environ:
         return Path(root if root is not None else os.environ["DINOLAB_DEPTH_DATA"]) / folder
-    candidates = [Path("..") / "shared" / "data" / folder]
-    here = Path(__file__).resolve().parents
-    if len(here) > 3:  # src/dinolab/data/depth.py in an editable install: parents[3] = repo root
-        candidates.append(here[3].parent / "shared" / "data" / folder)
-    for c in candidates:
-        if c.is_dir():
-            return c
+    found, candidates = find_shared_data(folder)
+    if found is not None:
+        return found
     raise DepthDataError(f"{folder} not found: set DINOLAB_DEPTH_DATA to the folder holding {folder}/ "
                          f"(looked in {', '.join(str(c.resolve()) for c in candidates)})")
 

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dinolab.data.datasets import TAR_SUFFIXES, _extract_once, _has_suffix
+from dinolab.data.datasets import TAR_SUFFIXES, _extract_once, _has_suffix, find_shared_data
 from dinolab.data.images import IMAGE_EXTENSIONS, BadImageError, load_rgb
 from dinolab.errors import DinolabError
 
@@ -365,13 +365,9 @@ def _shared_root(env: str, folder: str, root: str | os.PathLike | None) -> Path:
         return Path(root)
     if env in os.environ:
         return Path(os.environ[env])
-    candidates = [Path("..") / "shared" / "data" / folder]
-    here = Path(__file__).resolve().parents
-    if len(here) > 3:  # src/dinolab/data/segmentation.py in an editable install: parents[3] = repo root
-        candidates.append(here[3].parent / "shared" / "data" / folder)
-    for c in candidates:
-        if c.is_dir():
-            return c
+    found, candidates = find_shared_data(folder)
+    if found is not None:
+        return found
     raise SegmentationError(f"{folder} not found: set {env}=<folder> (or pass --data-root); looked in "
                             + ", ".join(str(c.resolve()) for c in candidates))
 
