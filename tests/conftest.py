@@ -29,6 +29,26 @@ def free_port():
     return _free_port
 
 
+def _tiny_vit_checkpoint(path, depth: int = 2):
+    """A seeded random ViT-Ti/8 with LayerScale 1 (so its random CLS token sees the image), saved in the
+    official layout at ``path``; returns the path."""
+    from dinolab.models import create_model, save_official
+
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch8", depth=depth)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.fill_(1.0)
+    return save_official(model, path)
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_checkpoint():
+    """A function writing a small random backbone checkpoint: ``tiny_vit_checkpoint(path) -> path``."""
+    return _tiny_vit_checkpoint
+
+
 @pytest.fixture(scope="module")
 def corrupt_image_folder(tmp_path_factory):
     """13 images of 32 x 32 px (uneven shards for 2 ranks) of which one is corrupt."""

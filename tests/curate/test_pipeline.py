@@ -11,11 +11,9 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from dinolab.cli import main
-from dinolab.models import create_model, save_official
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,7 +28,7 @@ def _image(rng, rgb):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_vit_checkpoint):
     root = tmp_path_factory.mktemp("curate")
     rng = np.random.default_rng(0)
     imgs, seeds = root / "pool", root / "seeds"
@@ -44,13 +42,7 @@ def setup(tmp_path_factory):
     for c in (0, 1):
         for i in range(3):
             _image(rng, COLOURS[c]).save(seeds / f"s{c}_{i}.png")
-    torch.manual_seed(0)
-    model = create_model("vit_tiny_patch8", depth=2)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("gamma"):
-                p.fill_(1.0)
-    ckpt = save_official(model, root / "m.pth")
+    ckpt = tiny_vit_checkpoint(root / "m.pth")
     assert main(["embed", str(seeds), "--out", str(root / "seeds_emb"), "--resize", "32", "--crop", "32",
                  "--model", str(ckpt), "--device", "cpu", "--no-progress"]) == 0
     return {"root": root, "imgs": imgs, "ckpt": ckpt, "seeds": root / "seeds_emb"}

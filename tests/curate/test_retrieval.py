@@ -8,10 +8,9 @@ import torch
 from PIL import Image
 
 from dinolab.cli import main
-from dinolab.models import create_model, save_official
 
 
-def test_embed_index_search_round_trip(tmp_path, capsys):
+def test_embed_index_search_round_trip(tmp_path, capsys, tiny_vit_checkpoint):
     imgs = tmp_path / "imgs"
     rng = np.random.default_rng(0)
     for c, rgb in enumerate([(220, 30, 30), (30, 200, 40), (30, 40, 220)]):
@@ -19,13 +18,7 @@ def test_embed_index_search_round_trip(tmp_path, capsys):
         for i in range(4):
             arr = np.clip(np.array(rgb) + rng.normal(0, 15, (32, 32, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(arr).save(imgs / f"c{c}" / f"{i}.png")
-    torch.manual_seed(0)
-    model = create_model("vit_tiny_patch8", depth=2)
-    with torch.no_grad():  # LayerScale 1 so the random CLS token sees the image
-        for n, p in model.named_parameters():
-            if n.endswith("gamma"):
-                p.fill_(1.0)
-    ckpt = save_official(model, tmp_path / "m.pth")
+    ckpt = tiny_vit_checkpoint(tmp_path / "m.pth")
     common = ["--model", str(ckpt), "--device", "cpu"]
     assert main(["embed", str(imgs), "--out", str(tmp_path / "emb"), "--resize", "32", "--crop", "32",
                  "--no-progress", *common]) == 0
@@ -50,7 +43,7 @@ def test_search_unknown_id_is_one_line_error(tmp_path, capsys):
     assert rc == 2 and "zzz" in err and err.count("\n") == 1
 
 
-def test_faiss_kinds_and_batch_queries_from_cli(tmp_path, capsys):
+def test_faiss_kinds_and_batch_queries_from_cli(tmp_path, capsys, tiny_vit_checkpoint):
     """build --kind ivf/hnsw, search a folder of query files; the query transform comes from the index."""
     pytest.importorskip("faiss")
     imgs = tmp_path / "imgs"
@@ -65,13 +58,7 @@ def test_faiss_kinds_and_batch_queries_from_cli(tmp_path, capsys):
     for q, rgb in enumerate([(220, 30, 30), (30, 40, 220)]):
         arr = np.clip(np.array(rgb) + rng.normal(0, 15, (32, 32, 3)), 0, 255).astype(np.uint8)
         Image.fromarray(arr).save(queries / f"q{q}.png")
-    torch.manual_seed(0)
-    model = create_model("vit_tiny_patch8", depth=2)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("gamma"):
-                p.fill_(1.0)
-    ckpt = save_official(model, tmp_path / "m.pth")
+    ckpt = tiny_vit_checkpoint(tmp_path / "m.pth")
     assert main(["embed", str(imgs), "--out", str(tmp_path / "emb"), "--resize", "32", "--crop", "32",
                  "--no-progress", "--model", str(ckpt), "--device", "cpu"]) == 0
     for kind, extra in (("ivf", ["--nlist", "1"]), ("hnsw", ["--hnsw-m", "8"])):

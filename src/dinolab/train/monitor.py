@@ -55,7 +55,8 @@ class CollapseMonitor:
         return sum(r[key] for r in self.recent) / len(self.recent)
 
     def check(self, iteration: int) -> list[str]:
-        """Warnings for the current window (also stored in ``self.warnings``, once each)."""
+        """New warnings for the current window: each kind only the first time (also logged and kept in
+        ``self.warnings``)."""
         if not self.recent:
             return []
         found = []  # (kind, warning, advice)
