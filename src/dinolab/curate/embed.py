@@ -331,6 +331,25 @@ def load_embeddings(
 ) -> tuple[list[str], dict[str, np.ndarray]]:
     """Read a finished ``embed`` folder: (ids, {"cls": (N, D), ...}) with rows in ids order.
     ``mmap=True`` memory-maps .npy files instead of reading them."""
+    ids, arrays, _ = read_embed_folder(out_dir, mmap)
+    return ids, arrays
+
+
+def load_embedded(
+    embed_dir: str | os.PathLike, key: str = "cls", *, mmap: bool = True
+) -> tuple[list[str], np.ndarray, dict]:
+    """(ids, the ``key`` features (N, D), meta.json) of a finished ``embed`` folder that holds at least
+    one image; clear errors for a missing pooling key or an empty run."""
+    ids, arrays, meta = read_embed_folder(embed_dir, mmap)
+    if key not in arrays:
+        raise DinolabError(f"{embed_dir} has no '{key}' features (has {sorted(arrays)}); embed with --pooling {key}")
+    if not ids:
+        raise DinolabError(f"{embed_dir} holds no embedded images (all skipped?); see its skipped.txt")
+    return ids, arrays[key], meta
+
+
+def read_embed_folder(out_dir: str | os.PathLike, mmap: bool = False) -> tuple[list[str], dict[str, np.ndarray], dict]:
+    """``load_embeddings`` plus the folder's meta.json: (ids, arrays, meta)."""
     out = Path(out_dir)
     if not (out / "meta.json").exists():
         raise DinolabError(f"{out} holds no finished embed run (no meta.json); run or resume dinolab embed")
@@ -345,4 +364,4 @@ def load_embeddings(
     if any(len(a) != len(ids) for a in arrays.values()):
         raise DinolabError(f"{out}: arrays and ids.txt disagree in length; "
                            "re-run dinolab embed with --overwrite")
-    return ids, arrays
+    return ids, arrays, meta

@@ -49,7 +49,7 @@ from dinolab.curate.config import (
     SelectOptions,
     config_to_dict,
 )
-from dinolab.curate.embed import load_embeddings
+from dinolab.curate.embed import load_embedded, read_embed_folder
 from dinolab.curate.report import entropy, pair_figure, size_plot, write_summary
 from dinolab.errors import DinolabError
 from dinolab.io import atomic_write, atomic_write_json, atomic_write_text
@@ -78,12 +78,7 @@ class Pool:
     @classmethod
     def open(cls, embed_dir: str | os.PathLike, *, key: str = "cls", images_root: str | None = None) -> Pool:
         """Open a finished embed folder; image paths = ``images_root`` (default: its recorded id_root) / id."""
-        ids, arrays = load_embeddings(embed_dir, mmap=True)
-        if key not in arrays:
-            raise DinolabError(f"{embed_dir} has no '{key}' features (has {sorted(arrays)}); embed with --pooling {key}")
-        if not ids:
-            raise DinolabError(f"{embed_dir} holds no embedded images (all skipped?); see its skipped.txt")
-        meta = json.loads((Path(embed_dir) / "meta.json").read_text())
+        ids, features, meta = load_embedded(embed_dir, key)
         root = images_root or meta.get("id_root")
         if root is None:
             raise DinolabError(f"{embed_dir} does not record which folder its ids are relative to (embedded by an "
@@ -91,7 +86,7 @@ class Pool:
         paths = [os.path.normpath(os.path.join(root, i)) for i in ids]
         fp = _digest({"ids": meta.get("ids_sha256"), "count": len(ids), "model": meta.get("model_id"), "key": key,
                       "created": meta.get("created"), "root": str(root)})
-        return cls(Path(embed_dir), ids, paths, arrays[key], str(meta.get("model_id", "")), fp)
+        return cls(Path(embed_dir), ids, paths, features, str(meta.get("model_id", "")), fp)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -111,8 +106,7 @@ def _rows_digest(rows: np.ndarray) -> str:
 
 def _other_features(embed_dir: str, pool: Pool, key: str, what: str) -> tuple[torch.Tensor, str]:
     """Normalised features of another embed folder (seeds, an evaluation set) and its fingerprint."""
-    ids, arrays = load_embeddings(embed_dir, mmap=True)
-    meta = json.loads((Path(embed_dir) / "meta.json").read_text())
+    ids, arrays, meta = read_embed_folder(embed_dir, mmap=True)
     if key not in arrays or not ids:
         raise DinolabError(f"{what} folder {embed_dir} holds no '{key}' features")
     if arrays[key].shape[1] != pool.features.shape[1]:

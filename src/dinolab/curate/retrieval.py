@@ -8,7 +8,6 @@ the same way by default.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dinolab.curate.embed import load_embeddings
+from dinolab.curate.embed import load_embedded
 from dinolab.curate.index import Index, make_index
 from dinolab.errors import DinolabError
 from dinolab.io import atomic_save_figure, atomic_write_json
@@ -44,16 +43,11 @@ def build_index(embed_dir: str | os.PathLike, out_dir: str | os.PathLike, *, key
     ``kind``: ``auto`` (by size), ``exact`` (torch), or a faiss kind (flat, ivf, hnsw, ivfpq) with
     ``index_kw`` as in ``curate.index.make_index``.
     """
-    ids, arrays = load_embeddings(embed_dir, mmap=True)
-    if key not in arrays:
-        raise DinolabError(f"{embed_dir} has no '{key}' features (has {sorted(arrays)}); embed with --pooling {key}")
-    if not ids:
-        raise DinolabError(f"{embed_dir} holds no embedded images (all skipped?); see its skipped.txt")
-    meta = json.loads((Path(embed_dir) / "meta.json").read_text())
+    ids, features, meta = load_embedded(embed_dir, key)
     info = {"key": key, "embeddings": str(Path(embed_dir).resolve()), **transform_sizes(meta.get("transform", ""))}
     if meta.get("id_root"):
         info["id_root"] = meta["id_root"]
-    feats = torch.from_numpy(np.array(arrays[key], dtype=np.float32))  # a writable copy of the memory map
+    feats = torch.from_numpy(np.array(features, dtype=np.float32))  # a writable copy of the memory map
     index = make_index(feats, ids, meta.get("model_id", ""), kind=kind, info=info, **index_kw)
     index.save(out_dir)
     log.info("indexed %d images (%s, dim %d, %s) into %s", len(index), key, index.dim, index.kind, out_dir)
