@@ -32,7 +32,9 @@ def test_yaml_flags_and_relative_paths(tmp_path):
     assert s.models[0].model == str(tmp_path / "ckpt.pth")  # exists next to the file: resolved
     assert s.models[0].seg_head == "seg.pth"  # does not exist there: left as given
     s = load_settings(cfg, port=9002, model="dinov2_vits14", timeout_s=5, fallback=False)
-    assert (s.port, s.limits.timeout_s, s.fallback) == (9002, 5, False)
+    assert (s.port, s.limits.timeout_s, s.fallback) == (9002, 5, "off")  # the earlier boolean form
+    assert load_settings(None).fallback == "embedded" and load_settings(None, fallback=True).fallback == "embedded"
+    assert load_settings(None, fallback="train").fallback == "train"
     assert s.models[0].model == "dinov2_vits14"
     assert s.models[0].seg_head is None  # a new model drops the old one's head
     assert s.models[0].short_side == 112 and s.models[1].model == "dinov2_vitb14"
@@ -75,11 +77,12 @@ def offline(tmp_path, monkeypatch):
 
 
 def test_offline_official_name_falls_back_with_one_line(offline, monkeypatch, caplog):
-    """No official weights offline: one warning line naming the file and URL, then the fallback model."""
+    """No official weights offline, --fallback train: one warning line naming the file and URL, then the
+    self-pretrained fallback model."""
     path = save_official(tiny_backbone(), offline / "fallback.pth")
     monkeypatch.setattr("dinolab.serve.fallback.ensure_fallback", lambda **kw: path)
     with caplog.at_level(logging.WARNING, logger="dinolab.serve.registry"):
-        reg = resolve_models(ServeSettings(), progress=False)
+        reg = resolve_models(ServeSettings(fallback="train"), progress=False)
     (m,) = list(reg)
     assert m.kind == "fallback" and m.short_side == 160
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -92,7 +95,7 @@ def test_offline_official_name_falls_back_with_one_line(offline, monkeypatch, ca
 
 def test_offline_without_fallback_says_what_to_pass(offline):
     with pytest.raises(WeightsNotFoundError, match="--weights"):
-        resolve_models(ServeSettings(fallback=False), progress=False)
+        resolve_models(ServeSettings(fallback="off"), progress=False)
     with pytest.raises(DinolabError, match="does not exist"):  # a path is never replaced by the fallback
         resolve_models(ServeSettings(models=[{"model": str(offline / "missing.pth")}]), progress=False)
 
@@ -127,8 +130,29 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 def test_registry_module_keeps_heads_off_the_fallback(offline, monkeypatch, caplog):
     path = save_official(tiny_backbone(), offline / "fallback.pth")
     monkeypatch.setattr("dinolab.serve.fallback.ensure_fallback", lambda **kw: path)
-    settings = ServeSettings(models=[{"model": "dinov2_vits14", "depth_head": "dinov2_vits14_nyu_linear4"}])
+    settings = ServeSettings(models=[{"model": "dinov2_vits14", "depth_head": "dinov2_vits14_nyu_linear4"}],
+                             fallback="train")
     with caplog.at_level(logging.WARNING, logger=registry_mod.__name__):
         (m,) = list(resolve_models(settings, progress=False))
     assert m.kind == "fallback" and m.depth_head is None
     assert any("not loading heads" in r.getMessage() for r in caplog.records)
+
+
+def test_offline_default_serves_the_embedded_model_with_its_heads(offline, monkeypatch, caplog):
+    """The default fallback: the model shipped in the package, at once (no training), with the CamVid
+    segmentation and 7-Scenes depth heads; heads named for the official model are not put on it."""
+    from dinolab.models import embedded
+
+    monkeypatch.setattr("dinolab.serve.fallback.ensure_fallback",
+                        lambda **kw: pytest.fail("the embedded fallback must not train"))
+    settings = ServeSettings(models=[{"model": "dinov2_vits14", "depth_head": "dinov2_vits14_nyu_linear4"}])
+    with caplog.at_level(logging.WARNING, logger=registry_mod.__name__):
+        (m,) = list(resolve_models(settings, progress=False))
+    assert (m.kind, m.name, m.short_side) == ("fallback", embedded.EMBEDDED_NAME, embedded.SHORT_SIDE)
+    assert m.seg_head is not None and m.depth_head is not None
+    assert "CamVid mIoU" in m.notice and "dinov2_vits14_pretrain.pth" in m.notice
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("embedded model" in w for w in warnings) and any("not loading heads" in w for w in warnings)
+    client = TestClient(create_app(settings, models=ModelRegistry([m])))
+    info = client.get("/v1/models").json()["models"][0]
+    assert info["segmentation_head"] and info["depth_head"]

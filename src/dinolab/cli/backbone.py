@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from dinolab.cli.common import add_model_args, load_backbone
+from dinolab.cli.common import add_model_args, load_backbone, load_backbone_or_embedded
 
 log = logging.getLogger("dinolab")
 
@@ -56,7 +56,8 @@ def cmd_pca(args: argparse.Namespace) -> None:
     from dinolab.viz.pca import pca_figure, sample_images
 
     images = args.images or sample_images(args.samples.split(",") if args.samples else None)
-    out = pca_figure(load_backbone(args), images, args.out, short_side=args.short_side, threshold=args.threshold,
+    model, short_side = load_backbone_or_embedded(args)
+    out = pca_figure(model, images, args.out, short_side=short_side, threshold=args.threshold,
                      foreground=args.foreground, show_mask=not args.no_mask,
                      device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     print(f"wrote {out}")
@@ -110,7 +111,11 @@ def add_parsers(sub) -> None:
     p.add_argument("images", nargs="*", help="image files (default: scikit-image sample photos)")
     p.add_argument("--samples", help="comma list of scikit-image sample names instead of files")
     p.add_argument("--out", type=Path, default=Path("outputs/pca.png"), help="PNG path (default: %(default)s)")
-    p.add_argument("--short-side", type=int, default=448, help="resize so the short side is about this (px)")
+    p.add_argument("--short-side", type=int, help="resize so the short side is about this (px; default 32 "
+                   "patches: 448 for patch 14; the embedded model: 224)")
+    p.add_argument("--fallback", choices=["embedded", "off"], default="embedded", help="offline without the "
+                   "official weights: use the small model shipped with dinolab and say so (embedded, default), "
+                   "or stop with the message (off)")
     p.add_argument("--threshold", type=float, default=0.0, help="foreground threshold on PC1, in std units")
     p.add_argument("--foreground", default="auto", choices=["auto", "minority", "all"],
                    help="how PC1's sign is chosen (auto: image borders are background); all = no masking")

@@ -30,3 +30,26 @@ def load_backbone(args: argparse.Namespace):
     return load_model(args.model, weights=args.weights, arch=args.arch, sha256=args.sha256,
                       pretrained=not args.random_init)
 
+
+
+def load_backbone_or_embedded(args: argparse.Namespace, patches: int = 32):
+    """``(backbone, short side)``: the model the options name or, when that is an official name whose
+    weights are neither cached nor downloadable and ``args.fallback`` is ``embedded``, the embedded
+    model shipped with dinolab (one warning line says which file to download where). The short side is
+    ``args.short_side`` or ``patches`` patches (the embedded model: its own default)."""
+    import logging
+
+    from dinolab.errors import WeightsNotFoundError
+    from dinolab.models import embedded
+    from dinolab.models.variants import is_variant_name
+
+    try:
+        model = load_backbone(args)
+    except WeightsNotFoundError as e:
+        named = args.model is not None and is_variant_name(str(args.model)) and args.weights is None
+        if getattr(args, "fallback", "off") != "embedded" or not named:
+            raise
+        logging.getLogger("dinolab").warning("%s; using %s instead (--fallback off: stop here)", e,
+                                             embedded.describe())
+        return embedded.load_embedded(device=getattr(args, "device", None)), args.short_side or embedded.SHORT_SIDE
+    return model, args.short_side or patches * int(model.patch_size)

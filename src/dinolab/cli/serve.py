@@ -25,7 +25,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         weights=str(args.weights) if args.weights else None,
         arch=args.arch, sha256=args.sha256, random_init=args.random_init or None, seg_head=args.seg_head,
         depth_head=args.depth_head, short_side=args.short_side, index=args.index, images_root=args.images_root,
-        fallback=False if args.no_fallback else None, max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels,
+        fallback="off" if args.no_fallback else args.fallback, max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels,
         timeout_s=args.timeout, max_queue=args.max_queue)
     serve(settings, announce=lambda line: print(line, flush=True), log_level="debug" if args.verbose else "info")
 
@@ -34,8 +34,8 @@ def _add_serve_parser(sub) -> None:
     """``dinolab serve``."""
     p = sub.add_parser("serve", help="web demo + JSON/HTTP API (PCA, segmentation, depth, retrieval, matching)",
                        description="Start a web page and an HTTP API (FastAPI, OpenAPI at /docs) over DINOv2 "
-                       "backbones. Offline without the official weights it says so and serves a small model it "
-                       "pretrains itself once (about 3 minutes on 2 CPU cores, then cached). Flags override "
+                       "backbones. Offline without the official weights it says so and serves the small embedded "
+                       "model shipped with dinolab (--fallback train: one it pretrains itself first). Flags override "
                        "--config; --model/--weights/--seg-head/--depth-head apply to the first model.")
     p.add_argument("--config", type=Path, help="serve.yaml (host, port, models with heads, index, limits)")
     p.add_argument("--host", help="interface to listen on (default 127.0.0.1: this machine only)")
@@ -46,8 +46,11 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--short-side", type=int, help="inference short side in px (default: 32 patches)")
     p.add_argument("--index", help="`dinolab index build` folder for retrieval")
     p.add_argument("--images-root", help="folder the indexed ids are relative to (thumbnails)")
-    p.add_argument("--no-fallback", action="store_true", help="without official weights, stop with the message "
-                   "instead of serving the self-pretrained fallback model")
+    p.add_argument("--fallback", choices=["embedded", "train", "off"], help="without the official weights "
+                   "(offline, nothing cached): serve the embedded model shipped with dinolab, with its "
+                   "segmentation and depth heads (embedded, the default); pretrain a small model on sample photos "
+                   "first (train: minutes on a CPU, once, then cached); or stop with the message (off)")
+    p.add_argument("--no-fallback", action="store_true", help="same as --fallback off")
     p.add_argument("--max-upload-mb", type=float, help="largest upload per image (default 20 MiB)")
     p.add_argument("--max-pixels", type=int, help="largest width x height (default 40,000,000)")
     p.add_argument("--timeout", type=float, help="seconds before a request gets 504 (default 120)")

@@ -1,9 +1,12 @@
 """The models a server holds: backbones with their optional heads, found by name.
 
 ``resolve_models(settings)`` loads what the settings ask for. An official name whose weights are
-neither cached nor downloadable (offline) is replaced, when ``settings.fallback`` is on, by the
-self-pretrained fallback model (:mod:`dinolab.serve.fallback`), with one warning line that says
-which file to download where; with ``fallback: false`` the same message ends the start-up instead.
+neither cached nor downloadable (offline) is replaced, with one warning line that says which file to
+download where, by a fallback (``settings.fallback``): ``embedded`` (default) serves the model
+shipped in the package (:mod:`dinolab.models.embedded`, with its CamVid segmentation and 7-Scenes
+depth heads) at once; ``train`` pretrains a small model on sample photos first
+(:mod:`dinolab.serve.fallback`, minutes on a CPU, then cached); ``off`` ends the start-up with the
+message instead.
 
 Tests and embedding applications skip all that and hand backbones over directly::
 
@@ -140,6 +143,23 @@ def _official_hint(name: str) -> str:
 
 
 def _fallback_model(spec: ModelSpec, settings: ServeSettings, progress: bool) -> ServedModel:
+    """The model served instead of an official one whose weights cannot be had (``settings.fallback``)."""
+    if settings.fallback == "train":
+        return _trained_fallback(spec, settings, progress)
+    from dinolab.models import embedded
+
+    backbone = embedded.load_embedded(device=settings.device)
+    notice = (f"Serving {embedded.describe()} because no official weights were available offline. It shows "
+              f"the pipeline, not DINOv2's quality; {_official_hint(spec.model)}.")
+    m = ServedModel(name=embedded.EMBEDDED_NAME, backbone=backbone, kind="fallback", notice=notice,
+                    source="embedded model shipped with dinolab (see its MODEL_CARD.md)",
+                    short_side=spec.short_side or embedded.SHORT_SIDE, model_id=embedded.EMBEDDED_NAME)
+    m.seg_head = load_seg_head(str(embedded.embedded_seg_head_path()), backbone)
+    m.depth_head = load_depth_head(str(embedded.embedded_depth_head_path()), backbone)
+    return m
+
+
+def _trained_fallback(spec: ModelSpec, settings: ServeSettings, progress: bool) -> ServedModel:
     from dinolab.models import load_model
     from dinolab.serve.fallback import FALLBACK_NAME, SERVE_SHORT_SIDE, ensure_fallback, fallback_config
 
@@ -151,7 +171,7 @@ def _fallback_model(spec: ModelSpec, settings: ServeSettings, progress: bool) ->
             f"blocks, pretrained here for {steps} steps on scikit-image's sample photos")
     notice = (f"Serving {what} (no official weights were available offline). It shows the pipeline, "
               f"not DINOv2's quality; {_official_hint(spec.model)}.")
-    return ServedModel(name=FALLBACK_NAME, backbone=backbone, source=f"self-pretrained fallback ({path})",
+    return ServedModel(name=FALLBACK_NAME, backbone=backbone, source="self-pretrained fallback (--fallback train)",
                        kind="fallback", short_side=spec.short_side or SERVE_SHORT_SIDE, notice=notice,
                        model_id=str(path))
 
@@ -165,10 +185,10 @@ def _load_spec(spec: ModelSpec, settings: ServeSettings, progress: bool) -> Serv
         backbone = load_model(spec.model, weights=spec.weights, arch=spec.arch, sha256=spec.sha256,
                               pretrained=not spec.random_init, device=settings.device)
     except WeightsNotFoundError as e:
-        if not (settings.fallback and is_name and spec.weights is None):
+        if not (settings.fallback != "off" and is_name and spec.weights is None):
             raise
-        log.warning("%s; serving dinolab's self-pretrained fallback model instead (--no-fallback: stop here)",
-                    e)
+        what = "the embedded model" if settings.fallback == "embedded" else "a self-pretrained fallback model"
+        log.warning("%s; serving %s instead (--fallback off: stop here)", e, what)
         return _fallback_model(spec, settings, progress)
     if spec.random_init:
         kind, source = "random", f"{spec.model} with random weights (--random-init: a smoke test only)"
@@ -194,9 +214,10 @@ def resolve_models(settings: ServeSettings, *, progress: bool = True) -> ModelRe
         if m.kind == "fallback" and any(s.kind == "fallback" for s in served):
             continue  # several official models missing: one fallback serves for all
         heads = [h for h in (spec.seg_head, spec.depth_head) if h]
-        if m.kind == "fallback" and heads:
-            log.warning("not loading heads %s: they belong to %s, not to the fallback model", heads,
-                        spec.model)
+        if m.kind == "fallback":
+            if heads:
+                log.warning("not loading heads %s: they belong to %s, not to the fallback model", heads,
+                            spec.model)
         else:
             m.seg_head = load_seg_head(spec.seg_head, m.backbone) if spec.seg_head else None
             m.depth_head = load_depth_head(spec.depth_head, m.backbone) if spec.depth_head else None

@@ -13,7 +13,7 @@ Example ``serve.yaml`` (every key optional; unknown keys are refused with the li
         short_side: 224             # inference resolution (default 32 patches)
     index: idx/                     # `dinolab index build` folder for /v1/search
     images_root: photos/            # where the indexed ids are (thumbnails on the page)
-    fallback: true                  # offline without weights: serve the self-pretrained model
+    fallback: embedded              # offline without weights: serve the embedded model (train | off)
     limits: {max_upload_mb: 20, max_pixels: 40000000, timeout_s: 120}
 
 Relative paths in the file are read relative to the file's folder when something exists there.
@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from dinolab.errors import DinolabError
 
@@ -78,8 +78,16 @@ class ServeSettings(BaseModel):
     images_root: str | None = Field(None, description="folder the indexed ids are relative to")
     index_resize: int = Field(256, ge=8, description="query transform: resize short side (as dinolab embed)")
     index_crop: int = Field(224, ge=8, description="query transform: centre crop (as dinolab embed)")
-    fallback: bool = Field(True, description="without official weights, serve the self-pretrained model")
+    fallback: Literal["embedded", "train", "off"] = Field(
+        "embedded", description="without official weights: serve the embedded model shipped in the package "
+        "(embedded), pretrain a small model on sample photos first (train), or stop (off)")
     limits: Limits = Field(default_factory=Limits)
+
+    @field_validator("fallback", mode="before")
+    @classmethod
+    def _fallback_bool(cls, v: Any) -> Any:
+        """``fallback: true | false`` (the earlier form) mean ``embedded`` and ``off``."""
+        return ("embedded" if v else "off") if isinstance(v, bool) else v
 
 
 def _relative_to(folder: Path, value: Any) -> Any:

@@ -1,0 +1,193 @@
+"""Build, measure and package the embedded default model (``src/dinolab/assets/embedded/``).
+
+The model ``./serve.sh`` and ``./demo.sh`` use when no official weights are at hand: a ViT-Tiny/8
+(6 blocks) pretrained by dinolab's own trainer (preset ``embedded-cpu``) on the natural images of
+``../shared/data``, plus a CamVid linear segmentation head and a 7-Scenes linear depth head trained
+on its frozen features. Each stage is resumable (re-run the same command) and writes what it
+measured to ``<work>/results.json``; ``package`` and ``card`` write into the assets folder::
+
+    python benchmarks/embedded_model.py                      # all stages, ~1.5 h on 2 CPU cores
+    python benchmarks/embedded_model.py --stages eval,heads,card   # after training
+
+Stages:
+    data     extract Tiny-ImageNet-190 train/val, CIFAR-10 train, CamVid train, 7-Scenes train into
+             ``<work>/data`` and write ``<work>/train_list.txt`` (CamVid and 7-Scenes 10 times each)
+    train    ``dinolab train --config embedded-cpu --data <work>/train_list.txt`` into ``<work>/run``
+    package  the EMA teacher as fp16 safetensors (+ architecture sidecar) into the assets folder
+    eval     kNN (k=20, the DINOv2 protocol) of the packaged fp16 model on Tiny-ImageNet-190 val
+             (bank: its train split) and CIFAR-10 test (bank: train), 64-px inputs; the same for the
+             same architecture with random weights (the floor)
+    heads    ``dinolab seg train`` (CamVid, linear) and ``dinolab depth train`` (7-Scenes, lin1) on
+             the packaged model; the heads are copied into the assets folder
+    card     ``MODEL_CARD.md`` and ``model.json`` in the assets folder from the measured numbers
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = REPO / "src" / "dinolab" / "assets" / "embedded"
+STAGES = ("data", "train", "package", "eval", "heads", "card")
+REPEAT_SMALL = 10  # CamVid (367) and 7-Scenes (40) frames are listed this many times
+BACKBONE_FILE = "backbone.safetensors"
+SEG_HEAD_FILE = "seg_camvid_linear.pth"
+DEPTH_HEAD_FILE = "depth_7scenes_lin1.pth"
+KNN_SETS = {  # name: (bank, queries) relative to <work>/data, or dataset specs
+    "tinyimagenet190": ("tin/train", "tin/val"),
+    "cifar10": ("cifar10:train", "cifar10:test"),
+}
+
+
+def _shared(folder: str) -> Path:
+    from dinolab.data.datasets import find_shared_data
+
+    found, looked = find_shared_data(folder)
+    if found is None:
+        sys.exit(f"error: ../shared/data/{folder} not found (looked in {', '.join(map(str, looked))})")
+    return found
+
+
+def _run(cmd: list[str]) -> None:
+    print("+", shlex.join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=REPO)
+
+
+def _dinolab(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dinolab", *args]
+
+
+def stage_data(work: Path) -> None:
+    data = work / "data"
+    jobs = [("tin", "tinyimagenet190", "train.tar.gz"), ("tin", "tinyimagenet190", "val.tar.gz"),
+            ("cifar10/train", "cifar10", "train.tar.gz"), ("camvid/train", "camvid", "train.tar.gz"),
+            ("sevenscenes_redkitchen/train", "sevenscenes_redkitchen", "train.tar.gz")]
+    for dest, folder, archive in jobs:
+        done = data / dest / f".{archive}.done"
+        if done.exists():
+            continue
+        (data / dest).mkdir(parents=True, exist_ok=True)
+        with tarfile.open(_shared(folder) / archive) as tf:
+            tf.extractall(data / dest, filter="data")
+        done.touch()
+
+    def files(sub: str) -> list[str]:
+        return sorted(str(p.relative_to(work)) for p in (data / sub).rglob("*") if p.is_file()
+                      and not p.name.startswith("."))
+
+    lines = files("tin/train") + files("cifar10/train")
+    lines += (files("camvid/train/images") + files("sevenscenes_redkitchen/train/rgb")) * REPEAT_SMALL
+    (work / "train_list.txt").write_text("\n".join(lines) + "\n")
+    print(f"{work / 'train_list.txt'}: {len(lines)} lines")
+
+
+def stage_train(work: Path, args: argparse.Namespace) -> None:
+    _run(_dinolab("train", "--config", "embedded-cpu", "--data", str(work / "train_list.txt"),
+                  f"train.output_dir={work / 'run'}", "--no-progress", *args.overrides))
+
+
+def stage_package(work: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from dinolab.models import load_model
+    from dinolab.models.checkpoints import save_official
+
+    model = load_model(work / "run" / "teacher_backbone.pth")
+    ASSETS.mkdir(parents=True, exist_ok=True)
+    tmp = work / "sidecar.pth"
+    save_official(model, tmp)  # writes the architecture sidecar next to it
+    sd = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, str(ASSETS / BACKBONE_FILE), metadata={"format": "pt", "producer": "dinolab"})
+    shutil.copyfile(tmp.with_name(tmp.name + ".json"), ASSETS / (BACKBONE_FILE + ".json"))
+    print(f"{ASSETS / BACKBONE_FILE}: {(ASSETS / BACKBONE_FILE).stat().st_size / 2**20:.2f} MiB")
+
+
+def _spec(work: Path, s: str) -> str:
+    return s if ":" in s else str(work / "data" / s)
+
+
+def stage_eval(work: Path, results: dict) -> None:
+    backbone = str(ASSETS / BACKBONE_FILE)
+    arch = json.loads((ASSETS / (BACKBONE_FILE + ".json")).read_text())["name"]
+    rows = results.setdefault("knn", {})
+    for name, (bank, queries) in KNN_SETS.items():
+        for row, model in (("embedded", ["--model", backbone]),
+                           ("random-init", ["--model", backbone, "--random-init"])):
+            out = work / f"knn-{name}-{row}"
+            if not (out / "results.json").exists():
+                _run(_dinolab("eval", "knn", "--train", _spec(work, bank), "--test", _spec(work, queries),
+                              "--resize", "64", "--crop", "64", "--ks", "10", "20", "--out", str(out),
+                              *(model if row == "embedded" else ["--model", arch, "--random-init"])))
+            res = json.loads((out / "results.json").read_text())
+            rows[f"{name}/{row}"] = res
+    results["knn_command"] = "dinolab eval knn --train BANK --test QUERIES --resize 64 --crop 64 --model " + \
+        "src/dinolab/assets/embedded/" + BACKBONE_FILE
+
+
+def stage_heads(work: Path, args: argparse.Namespace) -> None:
+    backbone = str(ASSETS / BACKBONE_FILE)
+    seg, depth = work / "seg-camvid-linear", work / "depth-7scenes-lin1"
+    if not (seg / "results.json").exists():
+        _run(_dinolab("seg", "train", "--train", "camvid:train", "--val", "camvid:val", "--model", backbone,
+                      "--head", "linear", "--epochs", str(args.seg_epochs), "--out", str(seg), "--no-progress"))
+    if not (depth / "results.json").exists():
+        _run(_dinolab("depth", "train", "--train", "7scenes:train", "--val", "7scenes:val", "--model",
+                      backbone, "--head", "lin1", "--epochs", str(args.depth_epochs), "--out", str(depth),
+                      "--no-progress"))
+    shutil.copyfile(seg / "head.pth", ASSETS / SEG_HEAD_FILE)
+    shutil.copyfile(depth / "head.pth", ASSETS / DEPTH_HEAD_FILE)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--work", type=Path, default=REPO / ".cache" / "embedded",
+                    help="work folder: data, training run, evaluation runs (default .cache/embedded)")
+    ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    ap.add_argument("--seg-epochs", type=int, default=20)
+    ap.add_argument("--depth-epochs", type=int, default=20)
+    ap.add_argument("overrides", nargs="*", help="a.b=c overrides for the train stage")
+    args = ap.parse_args()
+    stages = args.stages.split(",")
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        ap.error(f"unknown stages {sorted(unknown)}; choose from {', '.join(STAGES)}")
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    results_file = work / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else {}
+    results["machine"] = f"{platform.machine()} {platform.processor() or ''} cpus".strip()
+    for stage in STAGES:
+        if stage not in stages:
+            continue
+        t0 = time.perf_counter()
+        if stage == "data":
+            stage_data(work)
+        elif stage == "train":
+            stage_train(work, args)
+        elif stage == "package":
+            stage_package(work)
+        elif stage == "eval":
+            stage_eval(work, results)
+        elif stage == "heads":
+            stage_heads(work, args)
+        elif stage == "card":
+            from model_card import write_card  # benchmarks/model_card.py
+
+            write_card(work, results, ASSETS)
+        results.setdefault("stage_wall_s", {})[stage] = round(time.perf_counter() - t0, 1)
+        results_file.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
