@@ -152,7 +152,7 @@ def indexed(tmp_path_factory):
         load_photo(n).save(root / f"{n}.png")
     ids = [f"{n}.png" for n in names] + ["../outside.png"]  # the last row points outside the root
     (root.parent / "outside.png").write_bytes(png_bytes(photo()))
-    index = ExactIndex(feats, ids, model_id="tiny")
+    index = ExactIndex(feats, ids, model_id="tiny", info={"resize": 256, "crop": 224})
     app = create_app(ServeSettings(images_root=str(root)), models=[tiny_served()], index=index)
     with TestClient(app) as c:
         yield c, feats.numpy(), ids

@@ -66,6 +66,15 @@ class Server:
         self.index = index
         self.images_root = Path(settings.images_root).resolve() if settings.images_root else None
         self.worker = ModelWorker(self.limits.max_queue)
+        self.query_transform: tuple[int, int] | None = None  # (resize, crop) queries are embedded with
+        self.query_transform_recorded = False
+        if index is not None:
+            from dinolab.curate.index import query_transform
+
+            info = getattr(index, "info", {}) or {}
+            self.query_transform = query_transform(info, settings.index_resize, settings.index_crop,
+                                                   where="the served index")
+            self.query_transform_recorded = info.get("resize") is not None and info.get("crop") is not None
 
     # ------------------------------------------------------------------------- inputs
 
@@ -116,8 +125,10 @@ class Server:
     def index_info(self) -> dict[str, Any] | None:
         if self.index is None:
             return None
+        resize, crop = self.query_transform or (None, None)
         return {"count": len(self.index), "dim": self.index.dim, "model_id": self.index.model_id,
-                "thumbnails": self.images_root is not None}
+                "thumbnails": self.images_root is not None,
+                "query_transform": {"resize": resize, "crop": crop, "recorded": self.query_transform_recorded}}
 
     def thumbnail_path(self, row: int) -> Path:
         """The indexed image of ``row``, only if it lies inside the configured image folder."""

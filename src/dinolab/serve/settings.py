@@ -76,8 +76,10 @@ class ServeSettings(BaseModel):
     models: list[ModelSpec] = Field(default_factory=lambda: [ModelSpec()], min_length=1)
     index: str | None = Field(None, description="`dinolab index build` folder for /v1/search")
     images_root: str | None = Field(None, description="folder the indexed ids are relative to")
-    index_resize: int = Field(256, ge=8, description="query transform: resize short side (as dinolab embed)")
-    index_crop: int = Field(224, ge=8, description="query transform: centre crop (as dinolab embed)")
+    index_resize: int | None = Field(None, ge=8, description="query transform: resize short side (default: "
+                                     "what the index was embedded with, else 256)")
+    index_crop: int | None = Field(None, ge=8, description="query transform: centre crop (default: what the "
+                                   "index was embedded with, else 224)")
     fallback: bool = Field(True, description="without official weights, serve the self-pretrained model")
     limits: Limits = Field(default_factory=Limits)
 
