@@ -42,7 +42,7 @@ from torch import nn
 from dinolab.errors import DinolabError
 from dinolab.serve import schemas, tasks
 from dinolab.serve.gallery import PHOTOS, gallery_list, load_photo
-from dinolab.serve.guards import BodyLimitMiddleware, DeadlineMiddleware, ModelWorker
+from dinolab.serve.guards import BodyLimitMiddleware, DeadlineMiddleware, ModelWorker, RequestLimitMiddleware
 from dinolab.serve.inputs import ServeError, decode_image
 from dinolab.serve.registry import ModelRegistry, ServedModel, resolve_models
 from dinolab.serve.routes import ERRORS, add_task_routes
@@ -184,8 +184,11 @@ def create_app(settings: ServeSettings | None = None, *,
     app = FastAPI(title="dinolab serve", version="1", lifespan=lifespan, summary="DINOv2 features over HTTP: "
                   "embeddings, PCA part colouring, segmentation, depth, retrieval and patch matching.")
     app.state.server = srv
-    app.add_middleware(BodyLimitMiddleware, max_bytes=2 * srv.limits.max_bytes + 2**20)  # two images + form
-    app.add_middleware(DeadlineMiddleware, timeout_s=srv.limits.timeout_s)
+    lim = srv.limits  # middleware added last runs first: request limit, deadline, then the body guard
+    app.add_middleware(BodyLimitMiddleware, max_bytes=2 * lim.max_bytes + 2**20,  # two images + the form
+                       timeout_s=lim.body_timeout_s)
+    app.add_middleware(DeadlineMiddleware, timeout_s=lim.timeout_s)
+    app.add_middleware(RequestLimitMiddleware, max_requests=lim.requests_in_progress)
     _error_handlers(app)
     _page_routes(app, srv)
     _info_routes(app, srv)
@@ -239,7 +242,9 @@ def _info_routes(app: FastAPI, srv: Server) -> None:
         return {"default": srv.registry.default.name, "models": [m.info() for m in srv.registry],
                 "index": srv.index_info(),
                 "limits": {"max_upload_bytes": lim.max_bytes, "max_pixels": lim.max_pixels,
-                           "min_side": lim.min_side, "timeout_s": lim.timeout_s, "max_queue": lim.max_queue}}
+                           "min_side": lim.min_side, "timeout_s": lim.timeout_s, "max_queue": lim.max_queue,
+                           "header_timeout_s": lim.header_timeout_s, "body_timeout_s": lim.body_timeout_s,
+                           "max_requests": lim.requests_in_progress}}
 
     @app.get("/v1/gallery", response_model=list[schemas.GalleryItem], tags=["info"])
     async def gallery() -> list[dict[str, Any]]:
@@ -306,11 +311,15 @@ def url_of(sock: socket.socket) -> str:
 
 
 def _uvicorn_server(app: FastAPI, settings: ServeSettings, log_level: str) -> Any:
+    """uvicorn on its h11 protocol with a header deadline and a connection cap (``serve.connections``);
+    the request cap is ASGI middleware (uvicorn's ``limit_concurrency`` counts idle connections too)."""
     import uvicorn
 
-    limit = 2 * settings.limits.max_queue + 16  # connections beyond this get 503 from uvicorn itself
-    config = uvicorn.Config(app, log_level=log_level, timeout_keep_alive=5, limit_concurrency=limit,
-                            access_log=log_level == "debug")
+    from dinolab.serve.connections import guarded_protocol
+
+    lim = settings.limits
+    config = uvicorn.Config(app, log_level=log_level, timeout_keep_alive=5, access_log=log_level == "debug",
+                            http=guarded_protocol(lim.header_timeout_s, lim.max_connections))
     return uvicorn.Server(config)
 
 
