@@ -7,14 +7,13 @@ import logging
 
 import pytest
 import torch
-from fastapi.testclient import TestClient
 
 from dinolab.cli import main
 from dinolab.curate.index import ExactIndex, load_index
 from dinolab.serve.app import create_app
 from dinolab.serve.settings import ModelSpec, ServeSettings
 
-from .conftest import photo, png_bytes, tiny_served
+from .conftest import local_client, photo, png_bytes, tiny_served
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +39,7 @@ def built(tmp_path_factory, tiny_vit_checkpoint):
 def test_http_rankings_equal_cli_rankings_and_self_scores_one(built):
     tmp, imgs, ckpt, cli = built
     settings = ServeSettings(device="cpu", models=[ModelSpec(model=str(ckpt))], index=str(tmp / "idx"))
-    with TestClient(create_app(settings, progress=False), base_url="http://127.0.0.1") as c:
+    with local_client(create_app(settings, progress=False)) as c:
         info = c.get("/v1/models").json()["index"]
         assert info["query_transform"] == {"resize": 64, "crop": 64, "recorded": True}
         for name, expected in cli.items():
@@ -62,7 +61,7 @@ def test_explicit_query_transform_overrides_and_warns(built, caplog):
     with caplog.at_level(logging.WARNING):
         app = create_app(settings, progress=False)
     assert "embedded at resize 64 / crop 64 but queries use 256 / 224" in caplog.text
-    with TestClient(app, base_url="http://127.0.0.1") as c:
+    with local_client(app) as c:
         body = c.post("/v1/search", files={"image": ("p0.png", (imgs / "p0.png").read_bytes())}).json()
     assert body["query_transform"] == {"resize": 256, "crop": 224}
     assert body["neighbours"][0]["score"] < 0.999  # the mismatch the default must avoid
@@ -70,8 +69,7 @@ def test_explicit_query_transform_overrides_and_warns(built, caplog):
 
 def test_an_index_without_a_recorded_transform_says_so():
     index = ExactIndex(torch.randn(3, 192), ["a", "b", "c"], model_id="tiny")
-    with TestClient(create_app(ServeSettings(), models=[tiny_served()], index=index),
-                    base_url="http://127.0.0.1") as c:
+    with local_client(create_app(ServeSettings(), models=[tiny_served()], index=index)) as c:
         assert c.get("/v1/models").json()["index"]["query_transform"]["recorded"] is False
         body = c.post("/v1/search", files={"image": ("q.png", png_bytes(photo()))}).json()
     assert "records no query transform" in body["warning"] and body["query_transform"] == {"resize": 256, "crop": 224}

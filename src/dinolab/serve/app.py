@@ -36,14 +36,22 @@ from typing import Annotated, Any
 from fastapi import FastAPI, Query, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from PIL import Image
 from torch import nn
 
 from dinolab.errors import DinolabError
 from dinolab.serve import schemas, tasks
 from dinolab.serve.gallery import PHOTOS, gallery_list, load_photo
-from dinolab.serve.guards import BodyLimitMiddleware, DeadlineMiddleware, ModelWorker, RequestLimitMiddleware
+from dinolab.serve.guards import (
+    BodyLimitMiddleware,
+    DeadlineMiddleware,
+    ModelWorker,
+    OriginCheckMiddleware,
+    RequestLimitMiddleware,
+)
 from dinolab.serve.inputs import ServeError, decode_image
+from dinolab.serve.public import PublicJSONResponse
 from dinolab.serve.registry import ModelRegistry, ServedModel, resolve_models
 from dinolab.serve.routes import ERRORS, add_task_routes
 from dinolab.serve.settings import ServeSettings
@@ -181,14 +189,18 @@ def create_app(settings: ServeSettings | None = None, *,
         yield
         srv.worker.shutdown()
 
+    # /redoc is off: it loads its script from a CDN (like /docs, which stays: it is the documented one)
     app = FastAPI(title="dinolab serve", version="1", lifespan=lifespan, summary="DINOv2 features over HTTP: "
-                  "embeddings, PCA part colouring, segmentation, depth, retrieval and patch matching.")
+                  "embeddings, PCA part colouring, segmentation, depth, retrieval and patch matching.",
+                  redoc_url=None, default_response_class=PublicJSONResponse)
     app.state.server = srv
     lim = srv.limits  # middleware added last runs first: request limit, deadline, then the body guard
     app.add_middleware(BodyLimitMiddleware, max_bytes=2 * lim.max_bytes + 2**20,  # two images + the form
                        timeout_s=lim.body_timeout_s)
     app.add_middleware(DeadlineMiddleware, timeout_s=lim.timeout_s)
     app.add_middleware(RequestLimitMiddleware, max_requests=lim.requests_in_progress)
+    app.add_middleware(OriginCheckMiddleware, allowed_origins=settings.allowed_origins)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(settings))  # runs first
     _error_handlers(app)
     _page_routes(app, srv)
     _info_routes(app, srv)
@@ -196,17 +208,50 @@ def create_app(settings: ServeSettings | None = None, *,
     return app
 
 
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+def allowed_hosts(settings: ServeSettings) -> list[str]:
+    """Host header names the server answers to (anything else gets 400: DNS rebinding).
+
+    The loopback names, ``settings.host`` (for a wildcard address: this machine's name and addresses),
+    and ``settings.allowed_hosts`` (``*.example.com`` patterns; ``*`` turns the check off).
+    """
+    names = list(LOCAL_HOSTS)
+    host = settings.host.strip()
+    if host in WILDCARD_HOSTS:
+        names += _machine_names()
+    else:
+        names.append(f"[{host.strip('[]')}]" if ":" in host else host)
+    names += [h.strip() for h in settings.allowed_hosts if h.strip()]
+    return list(dict.fromkeys(n.lower() for n in names))
+
+
+def _machine_names() -> list[str]:
+    """This machine's host name, fully qualified name and their addresses (best effort)."""
+    names = [socket.gethostname(), socket.getfqdn()]
+    try:
+        infos = socket.getaddrinfo(socket.gethostname(), None)
+    except OSError:
+        infos = []
+    for *_, addr in infos:
+        ip = str(addr[0])
+        names.append(f"[{ip}]" if ":" in ip else ip)
+    return [n for n in names if n]
+
+
 def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServeError)
     async def serve_error(_: Request, e: ServeError) -> JSONResponse:
-        return JSONResponse({"detail": e.detail}, status_code=e.status)
+        return PublicJSONResponse({"detail": e.detail}, status_code=e.status)
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, e: Exception) -> JSONResponse:
         """The server stays up; the log has the trace, the client a one-line answer."""
         log.exception("unexpected error")
         detail = f"internal error ({type(e).__name__}); see the server log"
-        return JSONResponse({"detail": detail}, status_code=500)
+        return PublicJSONResponse({"detail": detail}, status_code=500)
 
 
 def _page_routes(app: FastAPI, srv: Server) -> None:
@@ -331,7 +376,8 @@ def serve(settings: ServeSettings, *, announce: Callable[[str], None] = log.info
     try:
         app = create_app(settings, progress=progress)
         if settings.host not in ("127.0.0.1", "localhost", "::1"):
-            log.warning("listening on %s: the demo is reachable from other machines", settings.host)
+            log.warning("listening on %s: the demo is reachable from other machines; it answers to the host "
+                        "names %s (--allowed-hosts adds more)", settings.host, ", ".join(allowed_hosts(settings)))
         url = url_of(sock)
         announce(f"dinolab serve: open {url}  (API docs: {url}docs; Ctrl-C stops)")
         _uvicorn_server(app, settings, log_level).run(sockets=[sock])

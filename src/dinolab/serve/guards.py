@@ -11,6 +11,10 @@
 - :class:`RequestLimitMiddleware`: at most ``max_requests`` requests in progress (uploads being read
   included); the next gets 503 at once. ``/healthz`` is never refused, so liveness stays visible
   under load (uvicorn's ``limit_concurrency`` counted connections, and answered 503 to everything).
+- :class:`OriginCheckMiddleware`: a POST (any unsafe method) sent by a page of another site gets 403:
+  its ``Origin`` header must name this server (the ``Host`` it was sent to) or one of
+  ``allowed_origins``; without ``Origin``, ``Sec-Fetch-Site: cross-site`` is refused too. Host names
+  themselves are checked by starlette's ``TrustedHostMiddleware`` (DNS rebinding).
 - :class:`DeadlineMiddleware`: a request (upload included: slow clients too) that has not started
   its response within ``timeout_s`` gets 504.
 """
@@ -23,7 +27,9 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -178,6 +184,44 @@ class RequestLimitMiddleware:
             await self.app(scope, receive, send)
         finally:
             self.active -= 1
+
+
+class OriginCheckMiddleware:
+    """403 for a state-changing request from a page of another site (see the module docstring)."""
+
+    SAFE = frozenset({"GET", "HEAD", "OPTIONS"})
+
+    def __init__(self, app: ASGIApp, allowed_origins: list[str] | tuple[str, ...] = ()) -> None:
+        self.app = app
+        self.allow_any = "*" in allowed_origins
+        self.allowed = {o.strip().rstrip("/").lower() for o in allowed_origins}
+
+    def allows(self, origin: str | None, host: str | None, fetch_site: str | None = None) -> bool:
+        """Whether a request with these ``Origin`` / ``Host`` / ``Sec-Fetch-Site`` headers may change state."""
+        if self.allow_any:
+            return True
+        if origin is None:
+            return fetch_site != "cross-site"  # not a browser, or an old one: same-site unless it says otherwise
+        origin = origin.strip().rstrip("/").lower()
+        if origin in self.allowed:
+            return True
+        try:
+            netloc = urlsplit(origin).netloc
+        except ValueError:
+            return False
+        return bool(netloc) and netloc == (host or "").lower()  # "null" (sandboxed pages, file://) never is
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("method") not in self.SAFE:
+            headers = Headers(scope=scope)
+            origin = headers.get("origin")
+            if not self.allows(origin, headers.get("host"), headers.get("sec-fetch-site")):
+                shown = (origin or "another site")[:80]
+                await send_json(send, 403, f"cross-origin request from {shown} refused: only this server's own "
+                                "page may send requests (start the server with --allowed-origins ORIGIN to "
+                                "allow another site)", close=True)
+                return
+        await self.app(scope, receive, send)
 
 
 class DeadlineMiddleware:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from dinolab.errors import DinolabError
 
@@ -99,6 +99,14 @@ class ServeSettings(BaseModel):
     allowed_origins: list[str] = Field(default_factory=list, description="origins (scheme://host[:port]) "
                                        "whose pages may POST here besides the server's own ('*': any)")
     limits: Limits = Field(default_factory=Limits)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_patterns(cls, hosts: list[str]) -> list[str]:
+        for h in hosts:
+            if "*" in h[1:] or (h.startswith("*") and h != "*" and not h.startswith("*.")):
+                raise ValueError(f"{h!r}: a wildcard host must look like '*.example.com' (or be '*')")
+        return hosts
 
 
 def _relative_to(folder: Path, value: Any) -> Any:
