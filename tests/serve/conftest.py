@@ -21,6 +21,12 @@ from dinolab.serve.registry import ServedModel
 from dinolab.serve.settings import ServeSettings
 
 SHORT = 32  # inference short side of the tiny model (patch 4 -> 8 patches)
+BASE_URL = "http://127.0.0.1"  # the server refuses Host names it is not bound to (TestClient's "testserver")
+
+
+def local_client(app, **kw) -> TestClient:
+    """A ``TestClient`` for ``app`` that sends ``Host: 127.0.0.1``."""
+    return TestClient(app, base_url=BASE_URL, **kw)
 
 
 def tiny_backbone(seed: int = 0, dim_model: str = "vit_tiny_patch4") -> torch.nn.Module:
@@ -72,5 +78,5 @@ def app():
 
 @pytest.fixture(scope="module")
 def client(app):
-    with TestClient(app) as c:
+    with local_client(app) as c:
         yield c

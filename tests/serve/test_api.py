@@ -7,7 +7,6 @@ import io
 import numpy as np
 import pytest
 import torch
-from fastapi.testclient import TestClient
 from PIL import Image
 
 from dinolab.curate.index import ExactIndex
@@ -17,7 +16,7 @@ from dinolab.serve.gallery import PHOTOS, load_photo
 from dinolab.serve.settings import ServeSettings
 from dinolab.viz.pca import patch_features
 
-from .conftest import SHORT, decode_b64_png, photo, png_bytes, tiny_backbone, tiny_served
+from .conftest import SHORT, decode_b64_png, local_client, photo, png_bytes, tiny_backbone, tiny_served
 
 ENDPOINTS = ["/v1/embed", "/v1/pca", "/v1/segment", "/v1/depth", "/v1/search", "/v1/match"]
 
@@ -152,9 +151,9 @@ def indexed(tmp_path_factory):
         load_photo(n).save(root / f"{n}.png")
     ids = [f"{n}.png" for n in names] + ["../outside.png"]  # the last row points outside the root
     (root.parent / "outside.png").write_bytes(png_bytes(photo()))
-    index = ExactIndex(feats, ids, model_id="tiny")
+    index = ExactIndex(feats, ids, model_id="tiny", info={"resize": 256, "crop": 224})
     app = create_app(ServeSettings(images_root=str(root)), models=[tiny_served()], index=index)
-    with TestClient(app) as c:
+    with local_client(app) as c:
         yield c, feats.numpy(), ids
 
 
@@ -183,7 +182,7 @@ def test_index_thumbnails_never_leave_the_image_folder(indexed):
 
 def test_search_refuses_an_index_of_another_width():
     index = ExactIndex(torch.randn(3, 64), ["a", "b", "c"], model_id="other")
-    with TestClient(create_app(ServeSettings(), models=[tiny_served()], index=index)) as c:
+    with local_client(create_app(ServeSettings(), models=[tiny_served()], index=index)) as c:
         r = c.post("/v1/search", data={"gallery": "chelsea"})
     assert r.status_code == 409 and "64-dim" in r.json()["detail"] and "192-dim" in r.json()["detail"]
 
@@ -192,7 +191,7 @@ def test_unknown_model_and_several_models(client):
     r = client.post("/v1/embed", params={"model": "nope"}, data={"gallery": "chelsea"})
     assert r.status_code == 404 and "tiny" in r.json()["detail"]
     app = create_app(ServeSettings(), models=[tiny_served("a", seed=0), tiny_served("b", seed=1)])
-    with TestClient(app) as c:
+    with local_client(app) as c:
         ea = c.post("/v1/embed", params={"model": "a"}, data={"gallery": "coffee"}).json()["cls"]
         eb = c.post("/v1/embed", params={"model": "b"}, data={"gallery": "coffee"}).json()["cls"]
         assert c.get("/v1/models").json()["default"] == "a"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from fastapi.testclient import TestClient
 
 from dinolab.errors import DinolabError
 from dinolab.eval.depth_heads import build_head, make_head_config, save_depth_head
@@ -14,7 +13,7 @@ from dinolab.serve.app import create_app
 from dinolab.serve.heads import load_depth_head, load_seg_head
 from dinolab.serve.settings import ServeSettings
 
-from .conftest import SHORT, decode_b64_png, tiny_served
+from .conftest import SHORT, decode_b64_png, local_client, tiny_served
 
 CLASSES = ["sky", "cat", "dog"]
 PALETTE = [[1, 2, 3], [200, 10, 10], [0, 0, 255]]
@@ -46,7 +45,7 @@ def headed(tmp_path_factory):
     served = tiny_served()
     served.seg_head = load_seg_head(str(_seg_head(tmp / "seg.pth")), served.backbone)
     served.depth_head = load_depth_head(str(_depth_head(tmp / "depth.pth")), served.backbone)
-    with TestClient(create_app(ServeSettings(), models=[served])) as c:
+    with local_client(create_app(ServeSettings(), models=[served])) as c:
         yield c
 
 

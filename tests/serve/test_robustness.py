@@ -12,13 +12,12 @@ import zlib
 import httpx
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 from PIL import Image
 
 from dinolab.serve.app import ServerThread, create_app
 from dinolab.serve.settings import Limits, ServeSettings
 
-from .conftest import photo, png_bytes, tiny_served
+from .conftest import local_client, photo, png_bytes, tiny_served
 
 
 def _png_header_only(width: int, height: int) -> bytes:
@@ -100,7 +99,7 @@ def test_bad_form_and_parameters(client):
 def test_upload_byte_limits():
     app = create_app(ServeSettings(limits=Limits(max_upload_mb=0.01)), models=[tiny_served()])
     noise = np.random.default_rng(0).integers(0, 255, (120, 120, 3), dtype=np.uint8)
-    with TestClient(app) as c:
+    with local_client(app) as c:
         r = _post(c, png_bytes(noise))  # ~43 kB > 10 kB: refused by the upload check
         assert r.status_code == 413 and "upload limit" in r.json()["detail"]
         big = b"\x00" * (3 * 2**20)  # over the body limit (2 x 10 kB + 1 MiB): refused before reading
@@ -124,7 +123,7 @@ def test_internal_errors_are_500_json_and_the_server_stays_up():
         if calls["n"] == 1:
             raise RuntimeError("boom")
     served.backbone.register_forward_pre_hook(explode)
-    with TestClient(create_app(ServeSettings(), models=[served]), raise_server_exceptions=False) as c:
+    with local_client(create_app(ServeSettings(), models=[served]), raise_server_exceptions=False) as c:
         r = c.post("/v1/embed", data={"gallery": "chelsea"})
         assert r.status_code == 500
         assert r.json() == {"detail": "internal error (RuntimeError); see the server log"}
@@ -153,7 +152,7 @@ def test_full_queue_gets_503_and_a_slow_model_504():
         assert sorted(codes) == [200, 503, 503]
         assert httpx.get(url + "healthz").json()["status"] == "ok"
     app = create_app(ServeSettings(limits=Limits(timeout_s=0.3)), models=[_slow(1.0)])
-    with TestClient(app) as c:
+    with local_client(app) as c:
         r = c.post("/v1/embed", data={"gallery": "coffee"})
         assert r.status_code == 504 and "--timeout" in r.json()["detail"]
 
@@ -182,7 +181,7 @@ def test_a_stalled_upload_gets_504():
     with ServerThread(app) as url:
         port = int(url.rsplit(":", 1)[1].strip("/"))
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-            s.sendall(b"POST /v1/embed HTTP/1.1\r\nHost: x\r\n"
+            s.sendall(b"POST /v1/embed HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                       b"Content-Type: multipart/form-data; boundary=b\r\n"
                       b"Content-Length: 1000\r\n\r\n--b\r\n")  # ... and nothing more
             reply = s.recv(4096).decode()

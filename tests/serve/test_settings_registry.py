@@ -8,7 +8,6 @@ import socket
 import numpy as np
 import pytest
 import torch
-from fastapi.testclient import TestClient
 
 from dinolab.cli import main
 from dinolab.errors import DinolabError, WeightsNotFoundError
@@ -18,7 +17,7 @@ from dinolab.serve.app import create_app
 from dinolab.serve.registry import ModelRegistry, resolve_models
 from dinolab.serve.settings import ServeSettings, load_settings
 
-from .conftest import tiny_backbone, tiny_served
+from .conftest import local_client, tiny_backbone, tiny_served
 
 
 def test_yaml_flags_and_relative_paths(tmp_path):
@@ -89,7 +88,7 @@ def test_offline_official_name_falls_back_with_one_line(offline, monkeypatch, ca
     assert len(warnings) == 1 and "\n" not in warnings[0]
     assert "dinov2_vits14_pretrain.pth" in warnings[0] and "fallback" in warnings[0]
     assert "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth" in m.notice
-    info = TestClient(create_app(ServeSettings(), models=reg)).get("/v1/models").json()["models"][0]
+    info = local_client(create_app(ServeSettings(), models=reg)).get("/v1/models").json()["models"][0]
     assert info["kind"] == "fallback" and "official dinov2_vits14" in info["notice"]
 
 

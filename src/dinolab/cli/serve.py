@@ -26,8 +26,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
         arch=args.arch, sha256=args.sha256, random_init=args.random_init or None, seg_head=args.seg_head,
         depth_head=args.depth_head, short_side=args.short_side, index=args.index, images_root=args.images_root,
         fallback="off" if args.no_fallback else args.fallback, max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels,
-        timeout_s=args.timeout, max_queue=args.max_queue)
+        timeout_s=args.timeout, max_queue=args.max_queue, header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout, allowed_hosts=_names(args.allowed_hosts),
+        allowed_origins=_names(args.allowed_origins))
     serve(settings, announce=lambda line: print(line, flush=True), log_level="debug" if args.verbose else "info")
+
+
+def _names(values: list[str] | None) -> list[str] | None:
+    """``--allowed-hosts a,b --allowed-hosts c`` -> ``["a", "b", "c"]`` (None when not given)."""
+    if not values:
+        return None
+    return [n.strip() for v in values for n in v.split(",") if n.strip()]
 
 
 def _add_serve_parser(sub) -> None:
@@ -55,6 +64,14 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--max-pixels", type=int, help="largest width x height (default 40,000,000)")
     p.add_argument("--timeout", type=float, help="seconds before a request gets 504 (default 120)")
     p.add_argument("--max-queue", type=int, help="model jobs waiting at once before 503 (default 32)")
+    p.add_argument("--header-timeout", type=float, help="seconds a connection has to send its request headers "
+                   "(default 10)")
+    p.add_argument("--body-timeout", type=float, help="seconds a request has to send its body before 408 "
+                   "(default 60)")
+    p.add_argument("--allowed-hosts", action="append", metavar="NAMES", help="comma list of Host names accepted "
+                   "besides localhost, 127.0.0.1, ::1 and --host (e.g. myhost.lan,192.168.1.5; '*.lan'; '*': any)")
+    p.add_argument("--allowed-origins", action="append", metavar="ORIGINS", help="comma list of other sites "
+                   "(https://app.example.com) whose pages may POST to the API ('*': any; default: none)")
     add_model_args(p, default=None)
     p.set_defaults(func=cmd_serve)
 

@@ -19,7 +19,9 @@ Folder written by ``ExactIndex.save``::
 from __future__ import annotations
 
 import json
+import logging
 import os
+from collections.abc import Mapping
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
@@ -39,12 +41,16 @@ __all__ = [
     "load_index",
     "make_index",
     "mean_average_precision",
+    "query_transform",
     "recall_at_k",
     "topk_cosine",
 ]
 
 FORMAT = "dinolab-exact-index"
 VERSION = 1
+DEFAULT_QUERY_TRANSFORM = (256, 224)  # dinolab embed's default resize / crop
+
+log = logging.getLogger(__name__)
 
 
 def _as_tensor(x: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -238,6 +244,29 @@ def load_index(folder: str | os.PathLike, *, device: str | torch.device | None =
     if fmt == FAISS_FORMAT:
         return FaissIndex.load(folder)
     raise DinolabError(f"{Path(folder) / 'meta.json'}: unknown index format {fmt!r}")
+
+
+def query_transform(info: Mapping[str, Any], resize: int | None = None, crop: int | None = None,
+                    *, where: str = "the index") -> tuple[int, int]:
+    """``(resize, crop)`` of the classification transform that embeds queries for an index.
+
+    ``resize`` / ``crop`` when given (a warning when they differ from what the index recorded: scores
+    are then lower and rankings can change), else the sizes the index was embedded with (its ``info``,
+    written by ``dinolab index build``), else ``DEFAULT_QUERY_TRANSFORM`` with a warning. Every query
+    path (``dinolab index search``, ``dinolab serve``'s ``/v1/search``) goes through this, so an
+    indexed image scores 1.0 against itself.
+    """
+    recorded = (info.get("resize"), info.get("crop"))
+    if None in recorded:
+        if resize is None or crop is None:
+            log.warning("%s records no query transform (resize / crop); queries use %d / %d", where,
+                        resize or DEFAULT_QUERY_TRANSFORM[0], crop or DEFAULT_QUERY_TRANSFORM[1])
+        return resize or DEFAULT_QUERY_TRANSFORM[0], crop or DEFAULT_QUERY_TRANSFORM[1]
+    out = (int(resize or recorded[0]), int(crop or recorded[1]))
+    if out != recorded:
+        log.warning("%s was embedded at resize %s / crop %s but queries use %d / %d: scores against it are "
+                    "lower and rankings can differ", where, *recorded, *out)
+    return out
 
 
 # --------------------------------------------------------------------------- retrieval metrics

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from dinolab.curate.embed import load_embedded
-from dinolab.curate.index import Index, make_index
+from dinolab.curate.index import Index, make_index, query_transform
 from dinolab.errors import DinolabError
 from dinolab.io import atomic_save_figure, atomic_write_json
 
@@ -74,7 +74,7 @@ def search(index: Index, *, k: int = 10, model: nn.Module | None = None,
         from dinolab.data.transforms import make_classification_transform
         from dinolab.eval.features import extract_features
 
-        tf = make_classification_transform(resize or index.info.get("resize", 256), crop or index.info.get("crop", 224))
+        tf = make_classification_transform(*query_transform(index.info, resize, crop))
         feats = extract_features(model, list(images), transform=tf, device=device, batch_size=batch_size,
                                  progress=len(images) > batch_size)
         if feats.skipped:

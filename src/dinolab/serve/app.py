@@ -36,14 +36,22 @@ from typing import Annotated, Any
 from fastapi import FastAPI, Query, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from PIL import Image
 from torch import nn
 
 from dinolab.errors import DinolabError
 from dinolab.serve import schemas, tasks
 from dinolab.serve.gallery import PHOTOS, gallery_list, load_photo
-from dinolab.serve.guards import BodyLimitMiddleware, DeadlineMiddleware, ModelWorker
+from dinolab.serve.guards import (
+    BodyLimitMiddleware,
+    DeadlineMiddleware,
+    ModelWorker,
+    OriginCheckMiddleware,
+    RequestLimitMiddleware,
+)
 from dinolab.serve.inputs import ServeError, decode_image
+from dinolab.serve.public import PublicJSONResponse
 from dinolab.serve.registry import ModelRegistry, ServedModel, resolve_models
 from dinolab.serve.routes import ERRORS, add_task_routes
 from dinolab.serve.settings import ServeSettings
@@ -66,6 +74,15 @@ class Server:
         self.index = index
         self.images_root = Path(settings.images_root).resolve() if settings.images_root else None
         self.worker = ModelWorker(self.limits.max_queue)
+        self.query_transform: tuple[int, int] | None = None  # (resize, crop) queries are embedded with
+        self.query_transform_recorded = False
+        if index is not None:
+            from dinolab.curate.index import query_transform
+
+            info = getattr(index, "info", {}) or {}
+            self.query_transform = query_transform(info, settings.index_resize, settings.index_crop,
+                                                   where="the served index")
+            self.query_transform_recorded = info.get("resize") is not None and info.get("crop") is not None
 
     # ------------------------------------------------------------------------- inputs
 
@@ -116,8 +133,10 @@ class Server:
     def index_info(self) -> dict[str, Any] | None:
         if self.index is None:
             return None
+        resize, crop = self.query_transform or (None, None)
         return {"count": len(self.index), "dim": self.index.dim, "model_id": self.index.model_id,
-                "thumbnails": self.images_root is not None}
+                "thumbnails": self.images_root is not None,
+                "query_transform": {"resize": resize, "crop": crop, "recorded": self.query_transform_recorded}}
 
     def thumbnail_path(self, row: int) -> Path:
         """The indexed image of ``row``, only if it lies inside the configured image folder."""
@@ -170,11 +189,18 @@ def create_app(settings: ServeSettings | None = None, *,
         yield
         srv.worker.shutdown()
 
+    # /redoc is off: it loads its script from a CDN (like /docs, which stays: it is the documented one)
     app = FastAPI(title="dinolab serve", version="1", lifespan=lifespan, summary="DINOv2 features over HTTP: "
-                  "embeddings, PCA part colouring, segmentation, depth, retrieval and patch matching.")
+                  "embeddings, PCA part colouring, segmentation, depth, retrieval and patch matching.",
+                  redoc_url=None, default_response_class=PublicJSONResponse)
     app.state.server = srv
-    app.add_middleware(BodyLimitMiddleware, max_bytes=2 * srv.limits.max_bytes + 2**20)  # two images + form
-    app.add_middleware(DeadlineMiddleware, timeout_s=srv.limits.timeout_s)
+    lim = srv.limits  # middleware added last runs first: request limit, deadline, then the body guard
+    app.add_middleware(BodyLimitMiddleware, max_bytes=2 * lim.max_bytes + 2**20,  # two images + the form
+                       timeout_s=lim.body_timeout_s)
+    app.add_middleware(DeadlineMiddleware, timeout_s=lim.timeout_s)
+    app.add_middleware(RequestLimitMiddleware, max_requests=lim.requests_in_progress)
+    app.add_middleware(OriginCheckMiddleware, allowed_origins=settings.allowed_origins)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(settings))  # runs first
     _error_handlers(app)
     _page_routes(app, srv)
     _info_routes(app, srv)
@@ -182,17 +208,50 @@ def create_app(settings: ServeSettings | None = None, *,
     return app
 
 
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+def allowed_hosts(settings: ServeSettings) -> list[str]:
+    """Host header names the server answers to (anything else gets 400: DNS rebinding).
+
+    The loopback names, ``settings.host`` (for a wildcard address: this machine's name and addresses),
+    and ``settings.allowed_hosts`` (``*.example.com`` patterns; ``*`` turns the check off).
+    """
+    names = list(LOCAL_HOSTS)
+    host = settings.host.strip()
+    if host in WILDCARD_HOSTS:
+        names += _machine_names()
+    else:
+        names.append(f"[{host.strip('[]')}]" if ":" in host else host)
+    names += [h.strip() for h in settings.allowed_hosts if h.strip()]
+    return list(dict.fromkeys(n.lower() for n in names))
+
+
+def _machine_names() -> list[str]:
+    """This machine's host name, fully qualified name and their addresses (best effort)."""
+    names = [socket.gethostname(), socket.getfqdn()]
+    try:
+        infos = socket.getaddrinfo(socket.gethostname(), None)
+    except OSError:
+        infos = []
+    for *_, addr in infos:
+        ip = str(addr[0])
+        names.append(f"[{ip}]" if ":" in ip else ip)
+    return [n for n in names if n]
+
+
 def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServeError)
     async def serve_error(_: Request, e: ServeError) -> JSONResponse:
-        return JSONResponse({"detail": e.detail}, status_code=e.status)
+        return PublicJSONResponse({"detail": e.detail}, status_code=e.status)
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, e: Exception) -> JSONResponse:
         """The server stays up; the log has the trace, the client a one-line answer."""
         log.exception("unexpected error")
         detail = f"internal error ({type(e).__name__}); see the server log"
-        return JSONResponse({"detail": detail}, status_code=500)
+        return PublicJSONResponse({"detail": detail}, status_code=500)
 
 
 def _page_routes(app: FastAPI, srv: Server) -> None:
@@ -228,7 +287,9 @@ def _info_routes(app: FastAPI, srv: Server) -> None:
         return {"default": srv.registry.default.name, "models": [m.info() for m in srv.registry],
                 "index": srv.index_info(),
                 "limits": {"max_upload_bytes": lim.max_bytes, "max_pixels": lim.max_pixels,
-                           "min_side": lim.min_side, "timeout_s": lim.timeout_s, "max_queue": lim.max_queue}}
+                           "min_side": lim.min_side, "timeout_s": lim.timeout_s, "max_queue": lim.max_queue,
+                           "header_timeout_s": lim.header_timeout_s, "body_timeout_s": lim.body_timeout_s,
+                           "max_requests": lim.requests_in_progress}}
 
     @app.get("/v1/gallery", response_model=list[schemas.GalleryItem], tags=["info"])
     async def gallery() -> list[dict[str, Any]]:
@@ -295,11 +356,15 @@ def url_of(sock: socket.socket) -> str:
 
 
 def _uvicorn_server(app: FastAPI, settings: ServeSettings, log_level: str) -> Any:
+    """uvicorn on its h11 protocol with a header deadline and a connection cap (``serve.connections``);
+    the request cap is ASGI middleware (uvicorn's ``limit_concurrency`` counts idle connections too)."""
     import uvicorn
 
-    limit = 2 * settings.limits.max_queue + 16  # connections beyond this get 503 from uvicorn itself
-    config = uvicorn.Config(app, log_level=log_level, timeout_keep_alive=5, limit_concurrency=limit,
-                            access_log=log_level == "debug")
+    from dinolab.serve.connections import guarded_protocol
+
+    lim = settings.limits
+    config = uvicorn.Config(app, log_level=log_level, timeout_keep_alive=5, access_log=log_level == "debug",
+                            http=guarded_protocol(lim.header_timeout_s, lim.max_connections))
     return uvicorn.Server(config)
 
 
@@ -311,7 +376,8 @@ def serve(settings: ServeSettings, *, announce: Callable[[str], None] = log.info
     try:
         app = create_app(settings, progress=progress)
         if settings.host not in ("127.0.0.1", "localhost", "::1"):
-            log.warning("listening on %s: the demo is reachable from other machines", settings.host)
+            log.warning("listening on %s: the demo is reachable from other machines; it answers to the host "
+                        "names %s (--allowed-hosts adds more)", settings.host, ", ".join(allowed_hosts(settings)))
         url = url_of(sock)
         announce(f"dinolab serve: open {url}  (API docs: {url}docs; Ctrl-C stops)")
         _uvicorn_server(app, settings, log_level).run(sockets=[sock])

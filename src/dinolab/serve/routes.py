@@ -176,22 +176,27 @@ def add_task_routes(app: FastAPI, srv: Server) -> None:
                              f"{m.name} gives {m.backbone.embed_dim}-dim ones: query with the model the "
                              "index was built with, or rebuild the index with this one")
         src = await srv.source(image, gallery, "image")
-        s = srv.settings
+        resize, crop = srv.query_transform or (256, 224)
 
         def job() -> dict[str, Any]:
             img = srv.decode(src)
-            q = tasks.query_feature(m.backbone, img, resize=s.index_resize, crop=s.index_crop)
+            q = tasks.query_feature(m.backbone, img, resize=resize, crop=crop)
             scores, rows = index.search(q[None], k)
             hits = [{"rank": r + 1, "id": index.ids[i], "score": round(float(sc), 5),
                      "thumbnail": f"/v1/index/items/{i}" if srv.images_root else None}
                     for r, (sc, i) in enumerate(zip(scores[0].tolist(), rows[0].tolist())) if i >= 0]  # faiss: -1 = none
-            warning = None
+            warnings = []
             if index.model_id and index.model_id not in (m.name, m.model_id):
-                warning = (f"the index was built with {index.model_id!r}; scores from {m.name} are "
-                           "meaningful only if that is the same backbone")
-            grid = (s.index_crop // m.patch_size,) * 2
+                warnings.append(f"the index was built with {index.model_id!r}; scores from {m.name} are "
+                                "meaningful only if that is the same backbone")
+            if not srv.query_transform_recorded:
+                warnings.append(f"the index records no query transform; the query was embedded at resize "
+                                f"{resize} / crop {crop}, which may not be how the index was embedded")
+            grid = (crop // m.patch_size,) * 2
             return {**_base(m, tasks.display_image(img).size, grid), "neighbours": hits,
-                    "index_size": len(index), "index_model": index.model_id, "warning": warning}
+                    "index_size": len(index), "index_model": index.model_id,
+                    "query_transform": {"resize": resize, "crop": crop},
+                    "warning": "; ".join(warnings) or None}
         return await srv.run(job)
 
     @app.post("/v1/match", response_model=schemas.MatchResponse, **PICTURE_TASK)

@@ -70,6 +70,8 @@ class SearchResponse(Result):
     neighbours: list[Neighbour]
     index_size: int
     index_model: str
+    query_transform: dict[str, int] = Field(description="resize / crop the query was embedded with (the "
+                                            "index's own, so an indexed image scores 1.0 against itself)")
     warning: str | None = None
 
 

@@ -59,10 +59,23 @@ class Limits(BaseModel):
     min_side: int = Field(16, ge=1, description="smallest accepted side, px")
     timeout_s: float = Field(120.0, gt=0, description="a request taking longer gets 504")
     max_queue: int = Field(32, ge=1, description="model jobs waiting at once; more get 503")
+    header_timeout_s: float = Field(10.0, gt=0, description="a connection must send complete request headers "
+                                    "within this many seconds (of connecting, or of its previous response)")
+    body_timeout_s: float = Field(60.0, gt=0, description="a request body not received within this many "
+                                  "seconds of its headers gets 408")
+    max_requests: int | None = Field(None, ge=1, description="requests in progress at once (uploads being "
+                                     "read included); more get 503; /healthz is never refused "
+                                     "(default 2 x max_queue + 16)")
+    max_connections: int = Field(512, ge=1, description="open connections at once; more are refused")
 
     @property
     def max_bytes(self) -> int:
         return int(self.max_upload_mb * 2**20)
+
+    @property
+    def requests_in_progress(self) -> int:
+        """``max_requests``, or its default."""
+        return self.max_requests or 2 * self.max_queue + 16
 
 
 class ServeSettings(BaseModel):
@@ -76,12 +89,26 @@ class ServeSettings(BaseModel):
     models: list[ModelSpec] = Field(default_factory=lambda: [ModelSpec()], min_length=1)
     index: str | None = Field(None, description="`dinolab index build` folder for /v1/search")
     images_root: str | None = Field(None, description="folder the indexed ids are relative to")
-    index_resize: int = Field(256, ge=8, description="query transform: resize short side (as dinolab embed)")
-    index_crop: int = Field(224, ge=8, description="query transform: centre crop (as dinolab embed)")
+    index_resize: int | None = Field(None, ge=8, description="query transform: resize short side (default: "
+                                     "what the index was embedded with, else 256)")
+    index_crop: int | None = Field(None, ge=8, description="query transform: centre crop (default: what the "
+                                   "index was embedded with, else 224)")
     fallback: Literal["embedded", "train", "off"] = Field(
         "embedded", description="without official weights: serve the embedded model shipped in the package "
         "(embedded), pretrain a small model on sample photos first (train), or stop (off)")
+    allowed_hosts: list[str] = Field(default_factory=list, description="Host header names accepted besides "
+                                     "localhost, 127.0.0.1, ::1 and `host` ('*.example.com' patterns, '*': any)")
+    allowed_origins: list[str] = Field(default_factory=list, description="origins (scheme://host[:port]) "
+                                       "whose pages may POST here besides the server's own ('*': any)")
     limits: Limits = Field(default_factory=Limits)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_patterns(cls, hosts: list[str]) -> list[str]:
+        for h in hosts:
+            if "*" in h[1:] or (h.startswith("*") and h != "*" and not h.startswith("*.")):
+                raise ValueError(f"{h!r}: a wildcard host must look like '*.example.com' (or be '*')")
+        return hosts
 
     @field_validator("fallback", mode="before")
     @classmethod
