@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dinolab.data.augment import MultiCropAugmentation
 from dinolab.data.collate import collate_multicrop
-from dinolab.data.images import IMAGE_EXTENSIONS, BadImageError, list_images, load_rgb, to_rgb
+from dinolab.data.images import IMAGE_EXTENSIONS, BadImageError, list_images, load_rgb
 from dinolab.errors import DinolabError
 
 log = logging.getLogger(__name__)
@@ -85,13 +85,13 @@ def _decode(item: str | TarMember | np.ndarray) -> Image.Image:
     """PIL RGB image of one training item; ``BadImageError`` when it cannot be decoded."""
     if isinstance(item, np.ndarray):
         return Image.fromarray(item)
-    if isinstance(item, TarMember):
+    if isinstance(item, TarMember):  # decoded as a file is (EXIF orientation applied, alpha on white ...)
+        label = f"{item.shard}::{item.name}"
         try:
-            with Image.open(io.BytesIO(item.read())) as img:
-                img.load()
-                return to_rgb(img)
-        except Exception as e:
-            raise BadImageError(f"{item.shard}::{item.name}", f"{type(e).__name__}: {e}") from e
+            data = item.read()
+        except OSError as e:
+            raise BadImageError(label, f"{type(e).__name__}: {e}") from e
+        return load_rgb(io.BytesIO(data), name=label)
     return load_rgb(item)
 
 
