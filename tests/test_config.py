@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import pytest
 
@@ -179,3 +180,46 @@ def test_derived_values_are_pure_functions():
     assert smoke == get_variant("vit_tiny_patch4", depth=2).model_kwargs() | {"drop_path_rate": 0.1,
                                                                               "layerscale": 1e-5}
     assert len(DinoVisionTransformer(**smoke).blocks) == 2
+
+
+@pytest.mark.parametrize("override", ["optim.base_lr=inf", "optim.base_lr=.inf", "optim.clip_grad=.nan",
+                                      "optim.weight_decay_end=.nan", "loss.teacher_temp=.nan", "optim.min_lr=-inf",
+                                      "crops.global_scale=[0.3,.nan]", "model.layerscale=nan", "optim.base_lr=1e999"])
+def test_non_finite_floats_are_refused_at_load(override):
+    key = override.split("=")[0].split("[")[0]
+    with pytest.raises(DinolabError, match=rf"{re.escape(key)}.*expected a finite number"):
+        load_config("cpu-smoke", [override])
+
+
+def test_non_finite_floats_in_a_yaml_file_are_refused(tmp_path):
+    path = tmp_path / "nan.yaml"
+    path.write_text("base: cpu-smoke\noptim:\n  weight_decay_end: .nan\n")
+    with pytest.raises(DinolabError, match=r"optim\.weight_decay_end: expected a finite number"):
+        load_config(path)
+
+
+PAYLOAD = "!!python/object/apply:os.system [\"touch {marker}\"]"
+
+
+def test_train_yaml_with_python_tags_is_refused(tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.yaml"
+    path.write_text(f"base: cpu-smoke\ntrain:\n  seed: {PAYLOAD.format(marker=marker)}\n")
+    with pytest.raises(DinolabError, match="not valid YAML"):
+        load_config(path)
+    with pytest.raises(DinolabError, match="not valid YAML"):
+        load_config("cpu-smoke", [f"train.seed={PAYLOAD.format(marker=marker)}"])
+    assert not marker.exists()
+
+
+def test_curate_yaml_with_python_tags_is_refused(tmp_path):
+    from dinolab.curate.config import load_curate_config
+
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.yaml"
+    path.write_text(f"dedup:\n  threshold: {PAYLOAD.format(marker=marker)}\n")
+    with pytest.raises(DinolabError, match="YAML"):
+        load_curate_config(path)
+    with pytest.raises(DinolabError, match="YAML"):
+        load_curate_config(None, [f"dedup.threshold={PAYLOAD.format(marker=marker)}"])
+    assert not marker.exists()

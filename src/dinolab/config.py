@@ -304,11 +304,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 
 
 def _accepts_str(tp: Any) -> bool:
-    if tp is str:
-        return True
-    if get_origin(tp) in (Union, types.UnionType):
-        return any(_accepts_str(a) for a in get_args(tp))
-    return False
+    return tp is str or (get_origin(tp) in (Union, types.UnionType) and any(map(_accepts_str, get_args(tp))))
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -330,14 +326,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, (list, tuple)) and len(value) == len(args):
             return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         raise DinolabError(f"{key}: expected a list of {len(args)} numbers, e.g. [0.32, 1.0], got {value!r}")
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+    if tp is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            number = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
+        except (ValueError, OverflowError):
+            number = None
+        if number is not None and not math.isfinite(number):  # every float field, in one place
+            raise DinolabError(f"{key}: expected a finite number, got {value!r}")
+        if number is not None:
+            return number
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value

@@ -119,6 +119,72 @@ def test_tar_unsafe_member_refused(tmp_path, bad):
     assert not list((tmp_path / "cache").glob("bad.tgz-files-*"))  # nothing looks extracted
 
 
+def _link_tar(path: Path, kind: bytes, linkname: str) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in {"cat/0.jpg": _jpeg_bytes(0), "dog/0.jpg": _jpeg_bytes(1)}.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("dog/1.jpg")
+        link.type, link.linkname = kind, linkname
+        tar.addfile(link)
+    return path
+
+
+@pytest.mark.parametrize("kind, target", [(tarfile.SYMTYPE, "../../outside.jpg"), (tarfile.SYMTYPE, "/etc/passwd"),
+                                          (tarfile.LNKTYPE, "/etc/passwd"), (tarfile.LNKTYPE, "cat/0.jpg")])
+def test_tar_link_members_are_never_extracted(tmp_path, kind, target):
+    archive = _link_tar(tmp_path / "links.tgz", kind, target)
+    ds = load_labeled(archive, cache_dir=tmp_path / "cache")
+    assert ds.ids == ["cat/0.jpg", "dog/0.jpg"]  # the regular files only
+    extracted = list((tmp_path / "cache").rglob("*"))
+    assert not any(p.is_symlink() for p in extracted) and not any(p.name == "1.jpg" for p in extracted)
+    assert all(p.is_relative_to(tmp_path / "cache") for p in extracted)
+
+
+def test_tar_extraction_is_capped_before_anything_is_written(tmp_path, monkeypatch):
+    archive = _tar(tmp_path / "big.tar.gz", {"cat/0.jpg": b"\0" * 3000, "dog/0.jpg": b"\0" * 3000})
+    calls, extractall = [], tarfile.TarFile.extractall
+    monkeypatch.setattr(tarfile.TarFile, "extractall", lambda *a, **k: calls.append(1) or extractall(*a, **k))
+    monkeypatch.setenv("DINOLAB_MAX_EXTRACT_BYTES", "5000")
+    with pytest.raises(DinolabError, match=r"big.tar.gz: its members add up to 6,000 bytes.*5,000 \("
+                       r"\$DINOLAB_MAX_EXTRACT_BYTES\)"):
+        load_labeled(archive, cache_dir=tmp_path / "cache")
+    assert calls == [] and not list((tmp_path / "cache").iterdir())  # refused from the headers
+    monkeypatch.setenv("DINOLAB_MAX_EXTRACT_BYTES", "6000")
+    assert len(load_labeled(archive, cache_dir=tmp_path / "cache")) == 2
+    monkeypatch.setenv("DINOLAB_MAX_EXTRACT_BYTES", "lots")
+    with pytest.raises(DinolabError, match="not a number of bytes"):
+        load_labeled(_tar(tmp_path / "other.tar", {"a/0.jpg": b"x"}), cache_dir=tmp_path / "cache")
+
+
+def test_tar_bomb_refused_by_the_ratio_to_the_archive_size(tmp_path, monkeypatch):
+    monkeypatch.delenv("DINOLAB_MAX_EXTRACT_BYTES", raising=False)
+    monkeypatch.setattr(datasets_mod, "RATIO_FLOOR", 2**20)  # instead of 1 GiB, to keep the test small
+    archive = _tar(tmp_path / "bomb.tar.gz", {"cat/0.jpg": b"\0" * 2**22})  # 4 MiB of zeros in a few KB
+    assert archive.stat().st_size * 200 < 2**22
+    with pytest.raises(DinolabError, match=r"200 x the archive's .* archive bomb"):
+        load_labeled(archive, cache_dir=tmp_path / "cache")
+    with pytest.raises(DinolabError, match="archive bomb"):  # the in-memory decode of CIFAR-style archives too
+        datasets_mod._decode_tar(archive)
+
+
+def test_a_changed_archive_replaces_its_older_extraction(tmp_path):
+    cache = tmp_path / "cache"
+    archive = _tar(tmp_path / "ds.tar.gz", {"cat/0.jpg": _jpeg_bytes(0), "dog/0.jpg": _jpeg_bytes(1)})
+    (tmp_path / "sub").mkdir()
+    other = _tar(tmp_path / "sub" / "ds.tar.gz", {"cat/0.jpg": _jpeg_bytes(2), "dog/0.jpg": _jpeg_bytes(3)})
+    # ^ the same name at another path: another archive, its extraction is kept
+    load_labeled(other, cache_dir=cache)
+    first = Path(load_labeled(archive, cache_dir=cache).items[0])
+    for i in range(3):  # the archive changes: each new extraction replaces the previous one
+        _tar(archive, {"cat/0.jpg": _jpeg_bytes(10 + i), "dog/0.jpg": _jpeg_bytes(1)})
+        os.utime(archive, ns=(10**9 * (i + 2), 10**9 * (i + 2)))
+        now = Path(load_labeled(archive, cache_dir=cache).items[0])
+        assert now.read_bytes() == _jpeg_bytes(10 + i)
+    assert not first.exists() and len(list(cache.iterdir())) == 2  # this archive's newest + the other one's
+
+
 # ------------------------------------------------------------------------------------- list files
 
 
@@ -147,6 +213,11 @@ def test_list_file_bad_line(tmp_path):
     lst.write_text("x.jpg 0\ny.jpg -1\n")
     with pytest.raises(DinolabError, match=r"list.txt:2: negative label"):
         load_labeled(lst)
+    lst.write_text("x.jpg 0\ny.jpg 99999999999\n")
+    with pytest.raises(DinolabError, match=r"list.txt:2: label 99999999999 is too large.*2 distinct labels"):
+        load_labeled(lst)
+    lst.write_text("x.jpg 0\ny.jpg 99999\n")  # gaps in the class indices stay allowed (a subset's labels)
+    assert len(load_labeled(lst).classes) == 100_000
     lst.write_text("# only comments\n\n")
     with pytest.raises(DinolabError, match="no 'path label' lines"):
         load_labeled(lst)

@@ -1,3 +1,4 @@
+import errno
 import os
 import random
 import signal
@@ -116,19 +117,70 @@ def test_truncated_checkpoint_raises_and_names_previous(tmp_path):
         ck.load_checkpoint(tmp_path / "checkpoints" / "ckpt-00000003.pt")
 
 
-def test_failure_inside_torch_save_leaves_no_final_file(tmp_path, monkeypatch):
+def test_disk_full_inside_torch_save_is_one_clear_error_and_keeps_the_previous(tmp_path, monkeypatch):
     good = ck.save_checkpoint(tmp_path, 1, {"x": 1})
     real_save = torch.save
 
     def broken_save(obj, f, *args, **kwargs):
         real_save({"half": torch.zeros(1000)}, f)  # some bytes reach the temp file first
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(DinolabError, match=r"ckpt-00000002\.pt \(No space left on device\); the previous "
+                       r"checkpoint .*ckpt-00000001\.pt is intact") as err:
         ck.save_checkpoint(tmp_path, 2, {"x": 2}, keep_last=1)
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [good.name]
+    assert "\n" not in str(err.value)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [good.name]  # no temp file left
     assert ck.load_checkpoint(good)["x"] == 1
+
+
+def test_stale_temp_files_are_removed_after_a_save(tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    stale = [folder / ".ckpt-00000004.pt.k1ll3d.tmp", folder / ".ckpt-00000002.pt.x.tmp"]
+    for p in stale:
+        p.write_bytes(b"half a checkpoint")
+    (folder / "notes.tmp").write_text("not ours")
+    ck.save_checkpoint(tmp_path, 3, {"x": 3})
+    assert sorted(p.name for p in folder.iterdir()) == ["ckpt-00000003.pt", "notes.tmp"]
+    assert ck.remove_stale_temp_files(tmp_path / "nothing-here") == 0
+
+
+_KILLED_WRITER = """
+import sys, time, torch
+from dinolab.train import checkpointing as ck
+run = sys.argv[1]
+ck.save_checkpoint(run, 1, {"w": torch.ones(4)})
+real_save = torch.save
+def slow_save(obj, f, *a, **k):
+    f.write(b"x" * 100000)
+    f.flush()
+    print("writing", flush=True)
+    time.sleep(60)
+torch.save = slow_save
+ck.save_checkpoint(run, 2, {"w": torch.zeros(4)})
+"""
+
+
+@pytest.mark.slow  # a Python + torch subprocess: ~4 s of CPU, minutes of wall time on a loaded 2-core machine
+def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(tmp_path)], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+        proc.kill()  # SIGKILL in the middle of the second write
+        proc.wait(timeout=10)
+    finally:
+        proc.kill()
+    folder = tmp_path / "checkpoints"
+    assert [p.name for p in folder.glob(".ckpt-00000002.pt.*.tmp")]  # the half-written temp file stays ...
+    assert ck.latest_checkpoint(tmp_path).name == "ckpt-00000001.pt"  # ... and is never taken for a checkpoint
+    assert torch.equal(ck.load_checkpoint(ck.latest_checkpoint(tmp_path))["w"], torch.ones(4))
+    ck.save_checkpoint(tmp_path, 2, {"w": torch.zeros(4)})  # the next save removes it
+    assert sorted(p.name for p in folder.iterdir()) == ["ckpt-00000001.pt", "ckpt-00000002.pt"]
 
 
 def _wait_for(cond, timeout=2.0):

@@ -45,7 +45,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.overrides)
     res = train(cfg, args.data, device=args.device, progress=not args.no_progress, eval_train=args.eval_train,
-                eval_test=args.eval_test)
+                eval_test=args.eval_test, force=args.force)
     print(json.dumps(res, indent=1, default=str))
 
 
@@ -97,4 +97,6 @@ def add_parsers(sub) -> None:
     p.add_argument("--eval-test", help="labelled kNN queries, e.g. cifar10:test (every train.eval_every its)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--force", action="store_true", help="resume even though the config or --data differ from the "
+                   "checkpoint's (the changes are recorded in resumes.jsonl; without it they are refused)")
     p.set_defaults(func=cmd_train)

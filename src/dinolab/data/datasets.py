@@ -8,11 +8,16 @@
 
 The cache is ``cache_dir``, else ``$DINOLAB_CACHE/datasets``, else ``~/.cache/dinolab/datasets``. Each
 archive gets a folder keyed by its absolute path, size and mtime, so a changed archive is
-re-read. Everything lands there through a temp name + rename: an interrupted run never looks done.
+re-read; the older folders of the same archive path are then deleted. Everything lands there
+through a temp name + rename: an interrupted run never looks done. Before anything is written, the
+member sizes in the tar headers are added up and checked against a cap: ``$DINOLAB_MAX_EXTRACT_BYTES``
+when set, else 64 GiB lowered to 200 x the archive's size (but not below 1 GiB), since images barely
+compress and more is an archive bomb.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import json
@@ -35,6 +40,11 @@ from dinolab.io import atomic_write
 logger = logging.getLogger(__name__)
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+EXTRACT_CAP_ENV = "DINOLAB_MAX_EXTRACT_BYTES"
+DEFAULT_EXTRACT_CAP = 64 * 2**30  # bytes
+MAX_EXTRACT_RATIO = 200  # extracted bytes per archive byte, unless $DINOLAB_MAX_EXTRACT_BYTES says otherwise
+RATIO_FLOOR = 2**30  # the ratio never lowers the cap below this
+MAX_CLASS_INDEX = 100_000  # integer list-file labels above this (and above 2 x the distinct labels) are refused
 LIST_SUFFIXES = (".txt", ".tsv")
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -74,11 +84,46 @@ def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
     return Path(os.environ.get("DINOLAB_CACHE", Path.home() / ".cache" / "dinolab")) / "datasets"
 
 
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", errors="surrogateescape")).hexdigest()[:12]
+
+
 def _cache_entry(archive: Path, cache_dir: str | os.PathLike | None, kind: str) -> Path:
-    """``<cache>/<archive name>-<kind>-<hash of absolute path, size, mtime>``."""
+    """``<cache>/<archive name>-<kind>-<hash of absolute path>-<hash of size, mtime>``."""
     st = archive.stat()
-    key = hashlib.sha256(f"{archive.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    return _cache_root(cache_dir) / f"{archive.name}-{kind}-{key}"
+    version = _digest(f"{st.st_size}\0{st.st_mtime_ns}")
+    return _cache_root(cache_dir) / f"{archive.name}-{kind}-{_digest(str(archive.resolve()))}-{version}"
+
+
+def _prune_older(entry: Path) -> None:
+    """Delete the cache folders of earlier versions of ``entry``'s archive (same path and kind)."""
+    stem = entry.name.rsplit("-", 1)[0]
+    for old in entry.parent.glob(f"{glob.escape(stem)}-*"):
+        if old != entry and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+            logger.info("removed %s (an earlier version of the same archive)", old)
+
+
+def _extract_limit(archive: Path) -> tuple[int, str]:
+    """The most bytes ``archive`` may extract to, and where that limit comes from (see the module doc)."""
+    raw = os.environ.get(EXTRACT_CAP_ENV, "").strip()
+    if raw:
+        try:
+            return int(float(raw)), f"${EXTRACT_CAP_ENV}"
+        except (ValueError, OverflowError):
+            raise DinolabError(f"${EXTRACT_CAP_ENV}={raw!r} is not a number of bytes") from None
+    size = archive.stat().st_size
+    limit = max(RATIO_FLOOR, MAX_EXTRACT_RATIO * size)
+    if limit < DEFAULT_EXTRACT_CAP:
+        return limit, (f"{MAX_EXTRACT_RATIO} x the archive's {size:,} bytes: images barely compress, this "
+                       f"looks like an archive bomb; set ${EXTRACT_CAP_ENV} to allow it")
+    return DEFAULT_EXTRACT_CAP, f"the default cap; set ${EXTRACT_CAP_ENV} to raise it"
+
+
+def _check_extract_size(archive: Path, total: int, limit: tuple[int, str]) -> None:
+    if total > limit[0]:
+        raise DinolabError(f"{archive}: its members add up to {total:,} bytes or more, over the limit of "
+                           f"{limit[0]:,} ({limit[1]}); refusing to extract it")
 
 
 def _has_suffix(path: Path, suffixes: Sequence[str]) -> bool:
@@ -152,6 +197,7 @@ def _extract_once(archive: Path, cache_dir: str | os.PathLike | None) -> Path:
         logger.info("extracting %s to %s (once)", archive, dest)
         with tarfile.open(archive) as tar:
             members = list(_safe_members(archive, tar))  # checks every name before writing anything
+            _check_extract_size(archive, sum(m.size for m in members if m.isfile()), _extract_limit(archive))
             if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4 / 3.10.12: also sanitises modes
                 tar.extractall(tmp, members=members, filter="data")
             else:
@@ -161,6 +207,7 @@ def _extract_once(archive: Path, cache_dir: str | os.PathLike | None) -> Path:
         except OSError:  # another process finished first: use its copy
             if not dest.is_dir():
                 raise
+        _prune_older(dest)
     except tarfile.TarError as e:
         raise DinolabError(f"cannot read archive {archive}: {e}") from e
     finally:
@@ -179,6 +226,19 @@ def _parse_line(list_file: Path, lineno: int, line: str) -> tuple[str, str]:
     return parts[0].strip(), parts[1].strip()
 
 
+def _check_int_labels(list_file: Path, linenos: list[int], labels: list[int]) -> None:
+    """Integer labels are class indices 0..N-1: refuse negative ones and ones far above the number of
+    distinct labels (``MAX_CLASS_INDEX``), which would build a class list of that length."""
+    bound = max(MAX_CLASS_INDEX, 2 * len(set(labels)))
+    for lineno, label in zip(linenos, labels):
+        if label < 0:
+            raise DinolabError(f"{list_file}:{lineno}: negative label {label}")
+        if label >= bound:
+            raise DinolabError(f"{list_file}:{lineno}: label {label} is too large: integer labels are class "
+                               f"indices and this file has {len(set(labels))} distinct labels (at most "
+                               f"{bound - 1} allowed); renumber the classes 0..N-1 or use class names")
+
+
 def _list_file(list_file: Path) -> LabeledImages:
     """Lines ``path<whitespace or tab>label``. If every label is an integer, they are the class
     indices (classes "0".."max"); otherwise labels are class names, classes sorted."""
@@ -193,9 +253,7 @@ def _list_file(list_file: Path) -> LabeledImages:
     names = [label for _, _, label in rows]
     if all(n.lstrip("+-").isdigit() for n in names):
         labels = [int(n) for n in names]
-        bad = next(((ln, lab) for (ln, _, _), lab in zip(rows, labels) if lab < 0), None)
-        if bad:
-            raise DinolabError(f"{list_file}:{bad[0]}: negative label {bad[1]}")
+        _check_int_labels(list_file, [ln for ln, _, _ in rows], labels)
         classes = [str(i) for i in range(max(labels) + 1)]
     else:
         classes = sorted(set(names))
@@ -215,7 +273,8 @@ def load_labeled(source: str | os.PathLike, *, cache_dir: str | os.PathLike | No
     - folder: classes = sorted subfolder names, images found recursively inside each class folder
       (extensions ``IMAGE_EXTENSIONS``, any case; hidden files skipped); ids = ``class/.../file``.
     - ``.tar`` / ``.tar.gz`` / ``.tgz``: the same layout, possibly under one top folder; extracted once
-      into the cache (members with absolute paths or ``..`` are refused, links skipped).
+      into the cache (members with absolute paths or ``..`` are refused, links skipped, the total size
+      capped; older extractions of the same archive path are deleted).
     - ``.txt`` / ``.tsv``: ``path label`` per line (tab or whitespace; ``#`` comments and blank lines
       ignored; relative paths against the list file's folder); ids = paths as written.
     """
@@ -260,9 +319,12 @@ def _cifar10_root(root: str | os.PathLike | None) -> Path:
 def _decode_tar(archive: Path) -> tuple[np.ndarray, list[str]]:
     """All images of ``archive`` decoded to RGB, sorted by member path: ((N, H, W, 3) uint8, ids)."""
     decoded: dict[str, np.ndarray] = {}
+    limit, total = _extract_limit(archive), 0
     try:
         with tarfile.open(archive) as tar:
             for m in _safe_members(archive, tar):
+                total += m.size if m.isfile() else 0
+                _check_extract_size(archive, total, limit)
                 if m.isfile() and _is_image(PurePosixPath(m.name).name):
                     data = tar.extractfile(m).read()
                     with Image.open(io.BytesIO(data)) as img:
@@ -292,6 +354,7 @@ def _decoded_once(archive: Path, cache_dir: str | os.PathLike | None) -> tuple[n
         entry.mkdir(parents=True, exist_ok=True)
         atomic_write(meta, lambda f: f.write(json.dumps(ids).encode()))
         atomic_write(npy, lambda f: np.save(f, images))
+        _prune_older(entry)
     return np.load(npy, mmap_mode="r"), json.loads(meta.read_text())
 
 

@@ -23,7 +23,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import IO, NamedTuple
 
 import numpy as np
 import torch
@@ -159,8 +159,9 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
-def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode an image file to an 8-bit RGB ``PIL.Image`` with the EXIF orientation applied.
+def load_rgb(path: str | os.PathLike | IO[bytes], *, name: str | None = None) -> Image.Image:
+    """Decode an image file (or an open binary file, e.g. ``io.BytesIO`` of a tar member) to an 8-bit
+    RGB ``PIL.Image`` with the EXIF orientation applied; ``name`` labels errors (default ``path``).
 
     Raises ``BadImageError`` (with the reason) for missing, unreadable, corrupt, truncated or
     non-image files and decompression bombs; the full decode happens here, so a truncated file
@@ -173,7 +174,7 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
     except MemoryError:
         raise
     except Exception as e:  # Pillow raises many types (OSError, SyntaxError, struct.error, ...)
-        raise BadImageError(path, _reason(e)) from e
+        raise BadImageError(name if name is not None else path, _reason(e)) from e
 
 
 # ---------------------------------------------------------------------------- dataset and collate

@@ -4,7 +4,9 @@ Layout: ``run_dir/checkpoints/ckpt-{iteration:08d}.pt``, one ``torch.save`` dict
 the caller's state (state dicts, tensors, ints, floats, strings) plus ``"iteration"`` and ``"rng"``.
 There is no ``latest`` pointer file: the latest checkpoint is the highest iteration found by name,
 so nothing can go stale. Files are written through :func:`dinolab.io.atomic_write`, so a final name
-always holds a complete file; temp files (``.ckpt-*.tmp``) are never picked.
+always holds a complete file; temp files (``.ckpt-*.tmp``) are never picked, and the ones a killed
+write leaves are removed after the next successful save (and by the training loop at start). A
+failed write (disk full) raises :class:`DinolabError` and leaves the previous checkpoints as they were.
 
 Everything is loaded with ``weights_only=True`` (no arbitrary code from a checkpoint), so the RNG
 states of numpy and Python ``random`` are stored as tensors, lists and ints.
@@ -119,14 +121,31 @@ def save_checkpoint(
         raise ValueError(f"keep_last must be >= 0 (0 keeps all), got {keep_last}")
     path = checkpoint_dir(run_dir) / f"ckpt-{iteration:08d}.pt"
     payload = {**state, "iteration": int(iteration), "rng": rng_state()}
-    atomic_write(path, lambda f: torch.save(payload, f))
+    try:
+        atomic_write(path, lambda f: torch.save(payload, f))
+    except OSError as e:  # disk full, quota, I/O error: atomic_write removed its temp file
+        previous = latest_checkpoint(run_dir)
+        kept = f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
+        raise DinolabError(f"cannot write checkpoint {path} ({e.strerror or e}); {kept}: free some space "
+                           "and run the same command again to resume") from e
     log.info("saved checkpoint %s", path)
+    remove_stale_temp_files(run_dir)
     if keep_last:
         others = [p for _, p in list_checkpoints(run_dir) if p != path]
         for old in others[: max(len(others) - (keep_last - 1), 0)]:
             old.unlink(missing_ok=True)
             log.info("pruned checkpoint %s (keep_last=%d)", old, keep_last)
     return path
+
+
+def remove_stale_temp_files(run_dir: str | os.PathLike) -> int:
+    """Delete the ``.ckpt-*.tmp`` files a killed checkpoint write left in the run's checkpoint folder
+    (only one process writes checkpoints, so any found between writes are stale); how many."""
+    stale = list(checkpoint_dir(run_dir).glob(".ckpt-*.tmp"))
+    for p in stale:
+        p.unlink(missing_ok=True)
+        log.info("removed %s (left by an interrupted checkpoint write)", p)
+    return len(stale)
 
 
 def _previous_hint(path: Path) -> str:

@@ -6,7 +6,8 @@ read by byte offset, so no extraction and no per-worker index rebuild), or ``cif
 Every sample's augmentation is seeded from ``(seed, epoch, index)`` and every batch's masks from its
 samples' seeds, so a batch depends only on where it sits in the stream — not on worker count or
 on how many batches came before. That is what makes a killed run resume exactly.
-Undecodable images are skipped (counted in the batch as ``n_skipped``), never fatal.
+Undecodable images are skipped (counted in the batch as ``n_skipped``), never fatal; a batch of only
+undecodable images comes out as ``{"n_skipped": n}`` (also from worker processes).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dinolab.data.augment import MultiCropAugmentation
 from dinolab.data.collate import collate_multicrop
-from dinolab.data.images import IMAGE_EXTENSIONS, BadImageError, list_images, load_rgb, to_rgb
+from dinolab.data.images import IMAGE_EXTENSIONS, BadImageError, list_images, load_rgb
 from dinolab.errors import DinolabError
 
 log = logging.getLogger(__name__)
@@ -84,13 +85,13 @@ def _decode(item: str | TarMember | np.ndarray) -> Image.Image:
     """PIL RGB image of one training item; ``BadImageError`` when it cannot be decoded."""
     if isinstance(item, np.ndarray):
         return Image.fromarray(item)
-    if isinstance(item, TarMember):
+    if isinstance(item, TarMember):  # decoded as a file is (EXIF orientation applied, alpha on white ...)
+        label = f"{item.shard}::{item.name}"
         try:
-            with Image.open(io.BytesIO(item.read())) as img:
-                img.load()
-                return to_rgb(img)
-        except Exception as e:
-            raise BadImageError(f"{item.shard}::{item.name}", f"{type(e).__name__}: {e}") from e
+            data = item.read()
+        except OSError as e:
+            raise BadImageError(label, f"{type(e).__name__}: {e}") from e
+        return load_rgb(io.BytesIO(data), name=label)
     return load_rgb(item)
 
 
@@ -137,10 +138,11 @@ class MultiCropDataset(Dataset):
 
 
 def collate_stream(samples, *, grid: tuple[int, int], mask_probability: float, mask_ratio: tuple[float, float]):
-    """Drop bad samples, seed the masks from the samples' seeds, collate the rest."""
+    """Drop bad samples, seed the masks from the samples' seeds, collate the rest. A batch without
+    one decodable image is only ``{"n_skipped": n}`` (the training loop skips that step and counts it)."""
     good = [(i, crops) for i, _, crops in samples if crops is not None]
     if not good:
-        raise DinolabError("a whole batch of training images could not be decoded; check the data")
+        return {"n_skipped": len(samples)}
     digest = hashlib.sha256(",".join(str(s) for _, s, _ in samples).encode()).digest()
     rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
     batch = collate_multicrop(good, grid=grid, mask_probability=mask_probability, mask_ratio=mask_ratio, rng=rng)

@@ -108,7 +108,8 @@ class SSLMetaArch(nn.Module):
             dino = dino + self.dino_loss(s["local"], dino_t, skip_same_view=False)
         dino = dino / dino_loss_term_count(2, n_local)
         ibot = self.ibot_loss(s["ibot"], ibot_t, masks_weight, n_images=s["cls"].shape[0])
-        koleo = sum(self.koleo_loss(c) for c in s["cls"].chunk(2))
+        views = s["cls"].chunk(2)  # KoLeo needs two images (a batch may keep one after skipping bad ones)
+        koleo = sum(self.koleo_loss(c) for c in views) if len(views[0]) >= 2 else s["cls"].new_zeros(())
         w = self.weights
         total = w.dino * dino + w.ibot * ibot + w.koleo * koleo
         return total, {"loss": total.item(), "dino": dino.item(), "ibot": ibot.item(), "koleo": koleo.item()}

@@ -93,9 +93,11 @@ class CollapseMonitor:
 
 
 def plot_losses(metrics_jsonl: Path, out_png: Path) -> Path | None:
-    """Loss components and collapse signals against iteration, from ``metrics.jsonl``."""
+    """Loss components and collapse signals against iteration, from ``metrics.jsonl`` (None: no rows)."""
     from matplotlib.figure import Figure
 
+    if not metrics_jsonl.is_file():  # e.g. every step was skipped
+        return None
     rows = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
     if not rows:
         return None
