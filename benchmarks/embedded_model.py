@@ -108,6 +108,7 @@ def stage_package(work: Path) -> None:
     save_official(model, tmp)  # writes the architecture sidecar next to it
     sd = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     save_file(sd, str(ASSETS / BACKBONE_FILE), metadata={"format": "pt", "producer": "dinolab"})
+    (ASSETS / BACKBONE_FILE).chmod(0o644)
     shutil.copyfile(tmp.with_name(tmp.name + ".json"), ASSETS / (BACKBONE_FILE + ".json"))
     print(f"{ASSETS / BACKBONE_FILE}: {(ASSETS / BACKBONE_FILE).stat().st_size / 2**20:.2f} MiB")
 
@@ -116,18 +117,31 @@ def _spec(work: Path, s: str) -> str:
     return s if ":" in s else str(work / "data" / s)
 
 
+def _random_init(work: Path) -> Path:
+    """The embedded architecture with random weights (seed 0), saved as a checkpoint: the kNN floor."""
+    import torch
+
+    from dinolab.models.checkpoints import _sidecar_variant, save_official
+    from dinolab.models.vit import DinoVisionTransformer
+
+    path = work / "random_init.pth"
+    if not path.exists():
+        torch.manual_seed(0)
+        variant = _sidecar_variant(ASSETS / BACKBONE_FILE)
+        save_official(DinoVisionTransformer(**variant.model_kwargs()).eval(), path, variant)
+    return path
+
+
 def stage_eval(work: Path, results: dict) -> None:
-    backbone = str(ASSETS / BACKBONE_FILE)
-    arch = json.loads((ASSETS / (BACKBONE_FILE + ".json")).read_text())["name"]
     rows = results.setdefault("knn", {})
+    models = {"embedded": str(ASSETS / BACKBONE_FILE), "random-init": str(_random_init(work))}
     for name, (bank, queries) in KNN_SETS.items():
-        for row, model in (("embedded", ["--model", backbone]),
-                           ("random-init", ["--model", backbone, "--random-init"])):
+        for row, model in models.items():
             out = work / f"knn-{name}-{row}"
             if not (out / "results.json").exists():
                 _run(_dinolab("eval", "knn", "--train", _spec(work, bank), "--test", _spec(work, queries),
                               "--resize", "64", "--crop", "64", "--ks", "10", "20", "--out", str(out),
-                              *(model if row == "embedded" else ["--model", arch, "--random-init"])))
+                              "--model", model))
             res = json.loads((out / "results.json").read_text())
             rows[f"{name}/{row}"] = res
     results["knn_command"] = "dinolab eval knn --train BANK --test QUERIES --resize 64 --crop 64 --model " + \
