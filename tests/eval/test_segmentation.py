@@ -39,6 +39,7 @@ from dinolab.eval.segmentation_jobs import (
     poly_lr,
 )
 from dinolab.models import create_model, save_official
+from dinolab.models.checkpoints import UnsafeFileError
 from dinolab.viz.overlay import colorize, overlay, overlay_figure
 
 
@@ -286,7 +287,7 @@ def test_numpy_metadata_is_read_and_code_is_refused(tmp_path):
     assert read_seg_head(tmp_path / "np.pth").palette == [(1, 2, 3), (4, 5, 6)]
     ckpt["meta"]["hook_msgs"] = Pickled()  # any other pickled class: refused, named
     torch.save(ckpt, tmp_path / "code.pth")
-    with pytest.raises(SegmentationError, match="Pickled"):
+    with pytest.raises(UnsafeFileError, match="Pickled"):
         read_seg_head(tmp_path / "code.pth")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import json
 import os
 import socket
 import threading
@@ -199,6 +200,55 @@ def test_file_url_mirror(served_root, env, source, monkeypatch):
     assert env.dest.is_file()
 
 
+def _serve_bad(body: bytes, content_length: int, content_type: str):
+    """A server that answers every GET with status 200, ``content_length`` declared, ``body`` sent."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(content_length))
+            self.end_headers()
+            self.wfile.write(body)
+            self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    return server, thread, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+@pytest.mark.parametrize("case", ["truncated", "html"])
+def test_bad_transfer_is_not_cached(case, env, official_file, monkeypatch, capsys):
+    """A cut transfer or an HTML page with status 200 is neither renamed into the cache nor pinned,
+    and ``dinolab download`` exits non-zero."""
+    from dinolab.cli import main
+
+    data = official_file.read_bytes()
+    html = b"<html><body>Service unavailable</body></html>"
+    body, length, kind, expect = {
+        "truncated": (data[:100_000], len(data), "application/octet-stream", f"100000 of {len(data)} bytes"),
+        "html": (html, len(html), "text/html; charset=utf-8", "server sent text/html"),
+    }[case]
+    server, thread, url = _serve_bad(body, length, kind)
+    try:
+        with pytest.raises(DinolabError, match=expect) as err:
+            download_weights(f"{url}{URL_PATH}", env.dest, progress=False)
+        assert "nothing was cached" in assert_one_line(err)
+        assert files_in(env.weights) == []  # no file, no .sha256, no .part
+        monkeypatch.setenv("DINOLAB_WEIGHTS_MIRROR", url)
+        assert main(["download", "dinov2_vits14"]) != 0
+        assert expect in capsys.readouterr().err
+        assert files_in(env.weights) == []
+    finally:
+        server.shutdown()
+        thread.join()
+        server.server_close()
+
+
 # --------------------------------------------------------------------------- 2. checksums
 
 
@@ -365,12 +415,33 @@ def test_save_official_round_trip(name, overrides, tmp_path):
     assert_same_outputs(model, src, image(266, 378))
 
 
-def test_without_sidecar_a_reduced_official_file_gets_custom_interpolation(source, tmp_path):
-    path = save_official(source, tmp_path / "m.pth")
+@pytest.mark.parametrize("name", ["dinov2_vits14", "dinov2_vits14_reg"])
+def test_without_sidecar_the_official_rule_of_its_kind(name, tmp_path, caplog):
+    """A reduced official model (1 block: no official variant) given by path alone, no sidecar:
+    without registers the official default (offset 0.1, no antialias), with registers the register
+    models' rule; outputs at a non-native size equal those of the same weights built with that rule."""
+    src = randomized(name, depth=1)
+    path = save_official(src, tmp_path / "m.pth")
     path.with_name("m.pth.json").unlink()
+    with caplog.at_level("INFO", logger="dinolab.models.checkpoints"):
+        model = load_model(path)
+    regs = name.endswith("_reg")
+    assert (model.interpolate_offset, model.interpolate_antialias) == ((0.0, True) if regs else (0.1, False))
+    assert (src.interpolate_offset, src.interpolate_antialias) == (model.interpolate_offset,
+                                                                   model.interpolate_antialias)
+    assert_same_outputs(model, src, image(266, 378))  # 19 x 27 grid: resized
+    rule = "register tokens: the register models'" if regs else "no register tokens: the official default"
+    assert f"offset {model.interpolate_offset:g}, antialias {model.interpolate_antialias} (from {rule}" \
+        in caplog.text
+
+
+def test_the_sidecar_rule_wins(tmp_path):
+    """A sidecar's interpolation settings are used even where they differ from the inferred rule."""
+    own = randomized("vit_small_patch14", depth=1, num_heads=6)  # own variants: offset 0, antialias
+    path = save_official(own, tmp_path / "m.pth")
     model = load_model(path)
-    assert (model.interpolate_offset, model.interpolate_antialias) == (0.0, True)  # the custom default
-    assert_same_outputs(model, source, X518)
+    assert (model.interpolate_offset, model.interpolate_antialias) == (0.0, True)
+    assert_same_outputs(model, own, image(266, 378))
 
 
 # --------------------------------------------------------------------------- 5. safety, misfits
@@ -427,6 +498,80 @@ def test_not_a_backbone_checkpoint(content, tmp_path):
     assert str(path) in assert_one_line(err)
 
 
+def _tiny_sd(**kw):
+    from dinolab.models import DinoVisionTransformer
+
+    return DinoVisionTransformer(**{"embed_dim": 192, "depth": 1, "num_heads": 3, "patch_size": 4,
+                                    "img_size": 16, **kw}).state_dict()
+
+
+@pytest.mark.parametrize("case", ["width_100000", "width_not_divisible", "sidecar_width_100000"])
+def test_shapes_of_no_architecture(case, tmp_path):
+    """Shapes no model has: one DinolabError naming the file (not a ValueError from the constructor,
+    and no 100000-wide model allocated)."""
+    path = tmp_path / "odd.pth"
+    if case == "width_100000":
+        sd = {**_tiny_sd(), "cls_token": torch.zeros(1, 1, 100_000)}
+    else:
+        sd = _tiny_sd(embed_dim=200, num_heads=5)  # a real model, but 200 / 64 -> 3 heads guessed
+    torch.save(sd, path)
+    if case == "sidecar_width_100000":
+        save_official(create_model("vit_tiny_patch4", depth=1, img_size=16), path)
+        arch = json.loads(path.with_name("odd.pth.json").read_text())
+        path.with_name("odd.pth.json").write_text(json.dumps({**arch, "embed_dim": 100_000}))
+    with pytest.raises(DinolabError) as err:
+        load_model(path)
+    msg = assert_one_line(err)
+    assert str(path) in msg and "no model can be built" in msg, msg
+    if case == "width_not_divisible":
+        assert "not divisible" in msg and "num_heads=" in msg
+        assert load_model(path, num_heads=5).num_heads == 5
+
+
+@pytest.mark.parametrize("text,expect", [
+    ("{not json", "cannot read .* as JSON"),
+    ("[1, 2]", "JSON list, not an object"),
+    ('{"name": "x", "embed_dim": "192", "depth": 1, "num_heads": 3}', "wrong values.*embed_dim='192'"),
+    ('{"name": "x", "embed_dim": 192, "depth": 1, "num_heads": true}', "wrong values.*num_heads=True"),
+    ('{"name": "x", "embed_dim": 192, "depth": 0, "num_heads": 3}', "wrong values.*depth=0"),
+    ('{"name": "x", "embed_dim": 192, "depth": 1, "num_heads": 3, "ffn": "relu"}', "ffn='relu'"),
+    ('{"name": "x", "embed_dim": 192, "depth": 1, "num_heads": 3, "interpolate_antialias": "yes"}',
+     "interpolate_antialias='yes'"),
+    ('{"name": "x", "embed_dim": 192, "depth": 1, "heads": 3}',
+     r"unknown fields \['heads'\].*missing \['num_heads'\]"),
+])
+def test_bad_sidecar(text, expect, tmp_path):
+    path = save_official(create_model("vit_tiny_patch4", depth=1, img_size=16), tmp_path / "m.pth")
+    path.with_name("m.pth.json").write_text(text)
+    with pytest.raises(DinolabError, match=expect) as err:
+        load_model(path)
+    assert str(path) + ".json" in assert_one_line(err)
+
+
+@pytest.mark.parametrize("content", [b"", b"\xff" * 8 + b"{}", (12).to_bytes(8, "little") + b"{not json!!}",
+                                     (10 ** 12).to_bytes(8, "little") + b"{}"])
+def test_bad_safetensors_header(content, tmp_path):
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(content)
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(content)
+    for source, named in ((path, path), (folder, folder / "model.safetensors")):
+        with pytest.raises(DinolabError, match="cannot read .* as a safetensors file") as err:
+            load_model(source)
+        assert str(named) in assert_one_line(err)
+
+
+def test_bad_hf_config(tmp_path):
+    folder = save_hf_folder(create_model("vit_tiny_patch4", depth=1, img_size=16), tmp_path / "hf")
+    for text, expect in (("{oops", "cannot read .*config.json as JSON"),
+                         ('{"num_attention_heads": "3"}', "config.json: num_attention_heads must be")):
+        (folder / "config.json").write_text(text)
+        with pytest.raises(DinolabError, match=expect) as err:
+            load_model(folder)
+        assert_one_line(err)
+
+
 def test_missing_path(tmp_path):
     with pytest.raises(WeightsNotFoundError) as err:
         load_model(tmp_path / "nope.pth")
@@ -451,3 +596,30 @@ def test_backbone_without_layerscale_round_trips(tmp_path):
     torch.testing.assert_close(load_model(path)(x).cls_token, want)
     path.with_name("nols.pth.json").unlink()
     torch.testing.assert_close(load_model(path)(x).cls_token, want)
+
+
+@pytest.mark.parametrize("reg", [False, True], ids=["noreg", "reg4"])
+def test_hf_export_says_where_it_matches_transformers(reg, tmp_path, caplog):
+    """The export warns (and records in dinolab_export.json) that transformers' no-register model
+    matches only at the native size; the record is checked against transformers itself."""
+    ours = randomized("vit_tiny_patch4_reg4" if reg else "vit_tiny_patch4", img_size=16, depth=1,
+                      interpolate_offset=0.0 if reg else 0.1, interpolate_antialias=reg)
+    with caplog.at_level("WARNING", logger="dinolab.models.checkpoints"):
+        folder = save_hf_folder(ours, tmp_path / "hf")
+    notes = json.loads((folder / "dinolab_export.json").read_text())
+    assert notes["native_size"] == [16, 16] and notes["transformers_class"] == (
+        "Dinov2WithRegistersModel" if reg else "Dinov2Model")
+    if reg:
+        assert notes["outputs_match_transformers"] == "at every input size"
+        assert "dinolab_export" not in caplog.text
+    else:
+        assert notes["outputs_match_transformers"] == "at the native size 16x16 only"
+        assert "at the native size 16x16 only" in caplog.text and "dinolab_export.json" in caplog.text
+    transformers = pytest.importorskip("transformers")
+    cls = transformers.Dinov2WithRegistersModel if reg else transformers.Dinov2Model
+    hf = cls.from_pretrained(folder, attn_implementation="eager").eval()
+    for side, same in ((16, True), (24, reg)):  # 1e-4: fp32 reordering across implementations
+        x = image(side, side)
+        with torch.no_grad():
+            diff = (ours(x).patch_tokens - hf(pixel_values=x).last_hidden_state[:, 1 + 4 * reg:]).abs().max()
+        assert (diff <= 1e-4) == same, (side, float(diff))

@@ -169,9 +169,9 @@ class ExactIndex:
         meta = read_index_meta(folder)
         if meta.get("format") != FORMAT:
             raise DinolabError(f"{folder / 'meta.json'}: unknown index format {meta.get('format')!r}")
-        feats = np.load(folder / "features.npy", mmap_mode="c" if mmap else None)  # "c": writable view
+        feats = _load_features(folder / "features.npy", mmap)
         ids = read_ids(folder / "ids.txt")
-        if feats.shape != (meta["count"], meta["dim"]) or len(ids) != meta["count"]:
+        if feats.shape != (meta.get("count"), meta.get("dim")) or len(ids) != meta.get("count"):
             raise DinolabError(
                 f"{folder}: features {feats.shape} / {len(ids)} ids disagree with meta.json "
                 f"(count={meta['count']}, dim={meta['dim']})"
@@ -224,7 +224,25 @@ def read_index_meta(folder: str | os.PathLike) -> dict[str, Any]:
     meta_path = Path(folder) / "meta.json"
     if not meta_path.is_file():
         raise DinolabError(f"{folder} is not a complete index folder (no meta.json); build it with dinolab index build")
-    return json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DinolabError(f"cannot read {meta_path}: {e}") from None
+    if not isinstance(meta, dict):
+        raise DinolabError(f"{meta_path} holds a JSON {type(meta).__name__}, not an index's meta object")
+    return meta
+
+
+def _load_features(path: Path, mmap: bool) -> np.ndarray:
+    """features.npy as plain numbers: never unpickled (``allow_pickle=False``), float dtype checked."""
+    try:
+        feats = np.load(path, mmap_mode="c" if mmap else None, allow_pickle=False)  # "c": writable view
+    except (OSError, ValueError, EOFError) as e:  # missing, truncated, or an object array (pickled)
+        raise DinolabError(f"cannot read {path} as an array of features: {str(e).splitlines()[0]}") from None
+    if not isinstance(feats, np.ndarray) or not np.issubdtype(feats.dtype, np.floating):
+        kind = getattr(feats, "dtype", type(feats).__name__)
+        raise DinolabError(f"{path} holds {kind} values, not float features")
+    return feats
 
 
 def read_ids(path: str | os.PathLike) -> list[str]:

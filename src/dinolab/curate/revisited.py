@@ -32,10 +32,8 @@ backbone, ranks by cosine similarity of the CLS features and reports the three s
 
 from __future__ import annotations
 
-import io
 import logging
 import os
-import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +43,7 @@ import torch
 from torch import nn
 
 from dinolab.errors import DinolabError
+from dinolab.models.safe_load import safe_pickle_load
 
 log = logging.getLogger(__name__)
 
@@ -56,20 +55,6 @@ SETTINGS = ("easy", "medium", "hard")
 KAPPAS = (1, 5, 10)
 _SETTING_PARTS = {"easy": (("easy",), ("junk", "hard")), "medium": (("easy", "hard"), ("junk",)),
                   "hard": (("hard",), ("junk", "easy"))}
-_NUMPY_OK = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-             ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-             ("numpy._core.multiarray", "scalar")}
-
-
-class _GroundTruthUnpickler(pickle.Unpickler):
-    """Plain containers and numpy arrays only: a ground-truth file cannot run code."""
-
-    def find_class(self, module: str, name: str):
-        if (module, name) in _NUMPY_OK:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a ground-truth file")
-
-
 @dataclass
 class RevisitedDataset:
     """One dataset's ground truth and where its images are: ``jpg_dir / (name + ".jpg")``."""
@@ -101,10 +86,7 @@ def load_revisited(root: str | os.PathLike, dataset: str) -> RevisitedDataset:
         raise DinolabError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     base = _find_base(Path(root), dataset)
     path = base / f"gnd_{dataset}.pkl"
-    try:
-        data = _GroundTruthUnpickler(io.BytesIO(path.read_bytes())).load()
-    except (pickle.UnpicklingError, EOFError, ValueError) as e:
-        raise DinolabError(f"{path} is not a readable ground-truth file: {e}") from e
+    data = safe_pickle_load(path)  # containers and numpy arrays only: a ground-truth file cannot run code
     if not isinstance(data, dict) or not {"imlist", "qimlist", "gnd"} <= data.keys():
         raise DinolabError(f"{path} lacks the imlist / qimlist / gnd entries of the revisited layout")
     if len(data["gnd"]) != len(data["qimlist"]):

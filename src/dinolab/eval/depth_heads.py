@@ -32,7 +32,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import pickle
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -45,6 +44,7 @@ from torch import Tensor, nn
 
 from dinolab.errors import DinolabError, WeightsNotFoundError
 from dinolab.io import atomic_write
+from dinolab.models.safe_load import safe_torch_load
 
 log = logging.getLogger(__name__)
 
@@ -417,32 +417,6 @@ def resolve_official_head(name: OfficialHeadName, *, sha256: str | None = None, 
     raise WeightsNotFoundError(f"{name.filename}: not cached (offline); download {name.url} to {dest}")
 
 
-def _numpy_globals() -> list:
-    """numpy scalars, arrays and dtypes (under their numpy 1 and 2 module paths) for ``weights_only``."""
-    import numpy as np
-
-    core = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
-    allowed: list = [np.dtype, np.ndarray, *(type(np.dtype(t)) for t in "?bhilqBHILQefdg")]
-    for f in (core.scalar, core._reconstruct):
-        allowed += [f, (f, f"numpy.core.multiarray.{f.__name__}"), (f, f"numpy._core.multiarray.{f.__name__}")]
-    return allowed
-
-
-def _torch_load(path: Path) -> Any:
-    """Tensors-only ``torch.load``; numpy values in mmcv's ``meta`` (metric scores) are allowed too."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        try:
-            with torch.serialization.safe_globals(_numpy_globals()):
-                return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001
-            raise DepthHeadError(f"{path} holds objects other than tensors and plain data; refusing to unpickle "
-                                 f"it ({str(e).splitlines()[0]})") from None
-    except Exception as e:  # noqa: BLE001  (truncated zips, not a torch file, ...)
-        raise DepthHeadError(f"cannot read {path} as a checkpoint: {str(e).splitlines()[0]}") from None
-
-
 def split_checkpoint(obj: Any, path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """(head parameters without the ``decode_head.`` prefix, meta) of an mmcv-style checkpoint."""
     if not isinstance(obj, dict):
@@ -514,7 +488,7 @@ def load_depth_head(source: str | os.PathLike, *, embed_dim: int | None = None, 
             raise DepthHeadError(f"depth head {source} is neither a file nor an official name like "
                                  "dinov2_vits14_nyu_linear4 (linear, linear4, dpt; nyu, kitti)")
         path = resolve_official_head(official, sha256=sha256)
-    sd, meta = split_checkpoint(_torch_load(path), path)
+    sd, meta = split_checkpoint(safe_torch_load(path, error=DepthHeadError), path)
     stored = meta.get("dinolab_head")
     if stored is not None:
         cfg = DepthHeadConfig.from_dict(stored)

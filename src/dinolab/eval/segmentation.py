@@ -46,6 +46,7 @@ from dinolab.data.segmentation import VOC_CLASSES, SegmentationError, voc_palett
 from dinolab.errors import DinolabError, WeightsNotFoundError
 from dinolab.io import atomic_write
 from dinolab.models.checkpoints import OFFICIAL_BASE_URL, cache_dir, download_weights, verify_file
+from dinolab.models.safe_load import safe_torch_load
 
 log = logging.getLogger(__name__)
 
@@ -366,34 +367,6 @@ class SegHeadCheckpoint:
         return head.eval()
 
 
-def _torch_load(path: Path) -> Any:
-    """``torch.load(weights_only=True)``; numpy arrays/scalars (mmcv checkpoint metadata may hold them)
-    are allowed too, any other pickled global is refused with its name."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001  (pickles with code, truncated files ...)
-        first = str(e).splitlines()[0]
-        try:
-            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        except Exception:  # noqa: BLE001  (not a zip checkpoint at all)
-            unsafe = []
-        if unsafe and all(g.split(".")[0] == "numpy" for g in unsafe):
-            import importlib
-
-            import numpy as np
-
-            allowed = [getattr(importlib.import_module(g.rsplit(".", 1)[0]), g.rsplit(".", 1)[1]) for g in unsafe]
-            allowed += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]  # dtype classes
-            try:
-                with torch.serialization.safe_globals(allowed):
-                    return torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e2:  # noqa: BLE001
-                first = str(e2).splitlines()[0]
-        refused = sorted(g for g in unsafe if g.split(".")[0] != "numpy")
-        raise SegmentationError(f"cannot read {path} as a tensors-only checkpoint"
-                                + (f" (it pickles {refused[:4]})" if refused else f": {first}")) from None
-
-
 def read_seg_head(source: str | os.PathLike, *, sha256: str | None = None, progress: bool = True
                   ) -> SegHeadCheckpoint:
     """Read a head: an official name (``dinov2_vits14_ade20k_ms``, see ``OFFICIAL_HEADS``), a run folder
@@ -410,7 +383,7 @@ def read_seg_head(source: str | os.PathLike, *, sha256: str | None = None, progr
             raise SegmentationError(f"head {source} is neither a file, a run folder with head.pth, nor an official "
                                     f"head name ({known}, ...)")
         verify_file(path, sha256)
-    ckpt = _torch_load(path)
+    ckpt = safe_torch_load(path, error=SegmentationError)
     if not isinstance(ckpt, dict):
         raise SegmentationError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
     sd = ckpt.get("state_dict", ckpt)

@@ -14,7 +14,7 @@ def create_model(name: str, **overrides: Any) -> DinoVisionTransformer:
     return DinoVisionTransformer(**get_variant(name, **overrides).model_kwargs())
 
 
-from dinolab.models.checkpoints import load_model, save_official
+from dinolab.models.checkpoints import load_model, save_hf_folder, save_official
 
 __all__ = [
     "BackboneOutput",
@@ -24,5 +24,6 @@ __all__ = [
     "get_variant",
     "list_models",
     "load_model",
+    "save_hf_folder",
     "save_official",
 ]

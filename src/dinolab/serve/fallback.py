@@ -168,15 +168,13 @@ def _ensure_unit_layerscale(path: Path, cfg: Config) -> None:
     """
     if cfg.model.layerscale is not None:
         return
-    import torch
-
     from dinolab.config import backbone_kwargs
     from dinolab.models.checkpoints import save_official
+    from dinolab.models.safe_load import safe_torch_load
     from dinolab.models.vit import DinoVisionTransformer
 
     model = DinoVisionTransformer(**(backbone_kwargs(cfg.model) | {"layerscale": 1.0, "drop_path_rate": 0.0}))
-    missing, unexpected = model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True),
-                                                strict=False)
+    missing, unexpected = model.load_state_dict(safe_torch_load(path), strict=False)
     if unexpected or any(".ls1.gamma" not in k and ".ls2.gamma" not in k for k in missing):
         raise RuntimeError(f"{path}: unexpected layout (missing {missing[:3]}, unexpected {unexpected[:3]})")
     if missing:

@@ -8,8 +8,9 @@ always holds a complete file; temp files (``.ckpt-*.tmp``) are never picked, and
 write leaves are removed after the next successful save (and by the training loop at start). A
 failed write (disk full) raises :class:`DinolabError` and leaves the previous checkpoints as they were.
 
-Everything is loaded with ``weights_only=True`` (no arbitrary code from a checkpoint), so the RNG
-states of numpy and Python ``random`` are stored as tensors, lists and ints.
+Everything is loaded with ``dinolab.models.checkpoints.safe_torch_load`` (``weights_only=True`` plus
+numpy data types only: no arbitrary code from a checkpoint), so the RNG states of numpy and Python
+``random`` are stored as tensors, lists and ints.
 
 In a multi-process run only rank 0 should call :func:`save_checkpoint`; its RNG state is what gets
 saved, so other ranks should load with ``restore_rng=False`` and re-seed themselves (seed + rank).
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import random
 import re
 import signal
@@ -34,6 +34,7 @@ import torch
 
 from dinolab.errors import DinolabError
 from dinolab.io import atomic_write
+from dinolab.models.safe_load import UnsafeFileError, safe_torch_load
 
 log = logging.getLogger(__name__)
 
@@ -159,28 +160,20 @@ def _previous_hint(path: Path) -> str:
 
 
 def load_checkpoint(path: str | os.PathLike, *, restore_rng: bool = True) -> dict[str, Any]:
-    """Load a checkpoint on CPU with ``weights_only=True``; restore the RNG states unless told not to.
+    """Load a checkpoint on CPU with ``safe_torch_load``; restore the RNG states unless told not to.
 
     Raises :class:`DinolabError` when the file is missing, corrupt or truncated (naming the
-    previous checkpoint to fall back to), or holds types ``weights_only`` refuses.
+    previous checkpoint to fall back to), and ``UnsafeFileError`` when it pickles anything but data.
     """
     path = Path(path)
     if not path.is_file():
         raise DinolabError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "weights only" in str(exc).lower():
-            culprit = next((ln.strip() for ln in str(exc).splitlines() if "Unsupported" in ln), "")
-            raise DinolabError(
-                f"checkpoint {path} holds objects that weights_only loading refuses ({culprit}); "
-                "save only tensors, containers and plain Python scalars (no numpy scalars/arrays)"
-            ) from exc
-        raise DinolabError(f"checkpoint {path} is corrupt ({exc}){_previous_hint(path)}") from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise DinolabError(
-            f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}: {exc}){_previous_hint(path)}"
-        ) from exc
+        ckpt = safe_torch_load(path)
+    except UnsafeFileError:
+        raise
+    except DinolabError as exc:  # corrupt or truncated: name the checkpoint to fall back to
+        raise DinolabError(f"{exc}{_previous_hint(path)}") from None
     if not isinstance(ckpt, dict) or "iteration" not in ckpt:
         raise DinolabError(f"{path} is not a dinolab training checkpoint (no 'iteration' entry)")
     if restore_rng and "rng" in ckpt:
