@@ -14,9 +14,9 @@ Stages:
              ``<work>/data`` and write ``<work>/train_list.txt`` (CamVid and 7-Scenes 10 times each)
     train    ``dinolab train --config embedded-cpu --data <work>/train_list.txt`` into ``<work>/run``
     package  the EMA teacher as fp16 safetensors (+ architecture sidecar) into the assets folder
-    eval     kNN (k=20, the DINOv2 protocol) of the packaged fp16 model on Tiny-ImageNet-190 val
-             (bank: its train split) and CIFAR-10 test (bank: train), 64-px inputs; the same for the
-             same architecture with random weights (the floor)
+    eval     kNN (k=10, 20, the DINOv2 protocol) of the packaged fp16 model on Tiny-ImageNet-190 val
+             (bank: 100 train images per class) and CIFAR-10 test (bank: 1,000 train images per
+             class), 64-px inputs; the same for the same architecture with random weights (the floor)
     heads    ``dinolab seg train`` (CamVid, linear) and ``dinolab depth train`` (7-Scenes, lin1) on
              the packaged model; the heads are copied into the assets folder
     card     ``MODEL_CARD.md`` and ``model.json`` in the assets folder from the measured numbers
@@ -42,9 +42,9 @@ REPEAT_SMALL = 10  # CamVid (367) and 7-Scenes (40) frames are listed this many 
 BACKBONE_FILE = "backbone.safetensors"
 SEG_HEAD_FILE = "seg_camvid_linear.pth"
 DEPTH_HEAD_FILE = "depth_7scenes_lin1.pth"
-KNN_SETS = {  # name: (bank, queries) relative to <work>/data, or dataset specs
-    "tinyimagenet190": ("tin/train", "tin/val"),
-    "cifar10": ("cifar10:train", "cifar10:test"),
+KNN_SETS = {  # name: (bank, queries, bank images per class) relative to <work>/data, or dataset specs
+    "tinyimagenet190": ("tin/train", "tin/val", 100),  # 19,000 of the 76,000 train images (CPU budget)
+    "cifar10": ("cifar10:train", "cifar10:test", 1000),  # 10,000 of the 50,000
 }
 
 
@@ -135,17 +135,17 @@ def _random_init(work: Path) -> Path:
 def stage_eval(work: Path, results: dict) -> None:
     rows = results.setdefault("knn", {})
     models = {"embedded": str(ASSETS / BACKBONE_FILE), "random-init": str(_random_init(work))}
-    for name, (bank, queries) in KNN_SETS.items():
+    for name, (bank, queries, per_class) in KNN_SETS.items():
         for row, model in models.items():
             out = work / f"knn-{name}-{row}"
             if not (out / "results.json").exists():
                 _run(_dinolab("eval", "knn", "--train", _spec(work, bank), "--test", _spec(work, queries),
-                              "--resize", "64", "--crop", "64", "--ks", "10", "20", "--out", str(out),
-                              "--model", model))
+                              "--few-shot", str(per_class), "--resize", "64", "--crop", "64", "--ks", "10",
+                              "20", "--num-workers", "1", "--out", str(out), "--model", model))
             res = json.loads((out / "results.json").read_text())
             rows[f"{name}/{row}"] = res
-    results["knn_command"] = "dinolab eval knn --train BANK --test QUERIES --resize 64 --crop 64 --model " + \
-        "src/dinolab/assets/embedded/" + BACKBONE_FILE
+    results["knn_command"] = ("dinolab eval knn --train BANK --test QUERIES --few-shot N --resize 64 --crop 64 "
+                              "--model src/dinolab/assets/embedded/" + BACKBONE_FILE)
 
 
 def stage_heads(work: Path, args: argparse.Namespace) -> None:

@@ -25,6 +25,12 @@ def cmd_models(args: argparse.Namespace) -> None:
         where = ("cached" if cached else "download on first use") if v.url else "train your own"
         alias = f"  (= {', '.join(v.aliases)})" if v.aliases else ""
         print(f"{v.name:28s} {v.embed_dim:5d} {v.depth:5d} {v.patch_size:5d} {v.num_register_tokens:4d}  {where}{alias}")
+    if not args.official:
+        from dinolab.models import embedded
+
+        a = embedded.embedded_info()["architecture"]
+        print(f"{embedded.EMBEDDED_NAME:28s} {a['embed_dim']:5d} {a['depth']:5d} {a['patch_size']:5d} "
+              f"{a['num_register_tokens']:4d}  shipped with dinolab (demo model; see its MODEL_CARD.md)")
 
 
 def cmd_download(args: argparse.Namespace) -> None:

@@ -348,6 +348,10 @@ def load_model(name_or_path: str | Path, *, weights: str | Path | None = None, a
     shapes fit no architecture.
     """
     name = str(name_or_path)
+    if name in ("dinolab_embedded_vitt8", "dinolab-embedded"):  # the model shipped in the package
+        from dinolab.models.embedded import BACKBONE_FILE, embedded_backbone_path, embedded_info
+
+        name, sha256 = str(embedded_backbone_path()), embedded_info()["files"][BACKBONE_FILE]["sha256"]
     is_name = is_variant_name(name)
     path, sd = None, None
     if is_name:

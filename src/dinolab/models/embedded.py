@@ -71,9 +71,7 @@ def load_embedded(device: str | torch.device | None = None) -> torch.nn.Module:
     """The embedded backbone in fp32, eval mode, its file checked against ``model.json``'s SHA-256."""
     from dinolab.models.checkpoints import load_model
 
-    path = embedded_backbone_path()
-    expected = embedded_info()["files"][BACKBONE_FILE]["sha256"]
-    return load_model(path, sha256=expected, device=device)
+    return load_model(EMBEDDED_NAME, device=device)
 
 
 def describe() -> str:
