@@ -53,7 +53,7 @@ from dinolab.serve.guards import (
 from dinolab.serve.inputs import ServeError, decode_image
 from dinolab.serve.public import PublicJSONResponse
 from dinolab.serve.registry import ModelRegistry, ServedModel, resolve_models
-from dinolab.serve.routes import ERRORS, add_task_routes
+from dinolab.serve.routes import ERRORS, add_task_routes, task_availability
 from dinolab.serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -282,9 +282,11 @@ def _info_routes(app: FastAPI, srv: Server) -> None:
 
     @app.get("/v1/models", response_model=schemas.ModelsResponse, tags=["info"])
     async def models() -> dict[str, Any]:
-        """Served models (source, size, heads, and how to get the official weights when on the fallback)."""
+        """Served models (source, size, heads, the tasks each can run here and why not, and how to get the
+        official weights when on the fallback), the index and the limits."""
         lim = srv.limits
-        return {"default": srv.registry.default.name, "models": [m.info() for m in srv.registry],
+        models = [{**m.info(), "tasks": task_availability(srv, m)} for m in srv.registry]
+        return {"default": srv.registry.default.name, "models": models,
                 "index": srv.index_info(),
                 "limits": {"max_upload_bytes": lim.max_bytes, "max_pixels": lim.max_pixels,
                            "min_side": lim.min_side, "timeout_s": lim.timeout_s, "max_queue": lim.max_queue,

@@ -55,6 +55,24 @@ TASK = {"responses": ERRORS, "tags": ["tasks"]}
 PICTURE_TASK = {"responses": {**ERRORS, **PICTURE}, "tags": ["tasks"]}
 
 
+def task_availability(srv: Server, m: ServedModel) -> dict[str, dict[str, Any]]:
+    """What ``m`` can do on this server, for ``GET /v1/models`` (the page disables the rest):
+    ``{task: {"available": bool, "reason": str | None}}``; ``segment_head`` is ``/v1/segment?mode=head``."""
+    def state(reason: str | None) -> dict[str, Any]:
+        return {"available": reason is None, "reason": reason}
+
+    search = None
+    if srv.index is None:
+        search = "no retrieval index loaded (start the server with --index, see dinolab index build)"
+    elif srv.index.dim != m.backbone.embed_dim:
+        search = (f"the index holds {srv.index.dim}-dim features, {m.name} gives {m.backbone.embed_dim}-dim "
+                  "ones (query with the model the index was built with)")
+    seg_head = None if m.seg_head else "no segmentation head (start the server with --seg-head)"
+    depth = None if m.depth_head else "no depth head (start the server with --depth-head)"
+    return {"embed": state(None), "pca": state(None), "segment": state(None), "segment_head": state(seg_head),
+            "depth": state(depth), "search": state(search), "match": state(None)}
+
+
 def _b64(png: bytes) -> str:
     return base64.b64encode(png).decode("ascii")
 
