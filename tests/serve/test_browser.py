@@ -29,8 +29,9 @@ if CHROMIUM is None:
                 allow_module_level=True)
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "serve"
-LONG_NOTICE = ("Serving a stand-in model. For the official dinov2_vits14, download https://dl.fbaipublicfiles.com/"
-               "dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth to ~/.cache/dinolab/weights/"
+LONG_NOTICE = ("Serving a stand-in model. For the official dinov2_vits14, download "
+               "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth to "
+               "~/.cache/dinolab/weights/"
                "dinov2_vits14_pretrain.pth and restart.")
 
 
@@ -175,8 +176,8 @@ def test_phone_width_small_inputs_and_captions(server, browser):
     page.set_input_files("#file1", str(upload.parent / "small.png"))  # 24 x 18 px
     _run(page, "pca")
     _results_shown(page, 2)
-    sizes = page.evaluate("Array.from(document.querySelectorAll('#output figure img')).map(i => "
-                          "[i.getBoundingClientRect().width, i.naturalWidth, getComputedStyle(i).imageRendering])")
+    sizes = page.evaluate("Array.from(document.querySelectorAll('#output figure img')).map(i => ["
+                          "i.getBoundingClientRect().width, i.naturalWidth, getComputedStyle(i).imageRendering])")
     for shown, natural, rendering in sizes:
         assert natural == 24 and shown >= 240 and rendering == "pixelated", sizes
     _no_sideways_scroll(page)

@@ -40,7 +40,7 @@ def test_every_element_the_script_uses_exists():
 
 
 def test_page_rules_the_browser_test_checks_hold_in_the_files():
-    """What tests/serve/test_browser.py checks in Chromium, checked in the served files (no browser needed)."""
+    """What test_browser.py checks in Chromium, checked in the served files (no browser needed)."""
     css = (STATIC / "style.css").read_text()
     js = (STATIC / "app.js").read_text()
     # small pictures enlarged with visible pixels; long words (the weights URL) wrap on a phone

@@ -94,8 +94,9 @@ class ServeSettings(BaseModel):
     index_crop: int | None = Field(None, ge=8, description="query transform: centre crop (default: what the "
                                    "index was embedded with, else 224)")
     fallback: bool = Field(True, description="without official weights, serve the self-pretrained model")
-    allowed_hosts: list[str] = Field(default_factory=list, description="Host header names accepted besides "
-                                     "localhost, 127.0.0.1, ::1 and `host` ('*.example.com' patterns, '*': any)")
+    allowed_hosts: list[str] = Field(default_factory=list, description="Host header names accepted "
+                                     "besides localhost, 127.0.0.1, ::1 and `host` ('*.example.com' "
+                                     "patterns, '*': any)")
     allowed_origins: list[str] = Field(default_factory=list, description="origins (scheme://host[:port]) "
                                        "whose pages may POST here besides the server's own ('*': any)")
     limits: Limits = Field(default_factory=Limits)
