@@ -168,6 +168,7 @@ def test_search_ranks_like_brute_force_cosine(indexed):
     top = body["neighbours"][0]
     assert top["id"] == "coffee.png" and top["score"] == pytest.approx(1, abs=1e-4)
     assert body["warning"] is None and body["index_size"] == 5
+    assert client.get("/v1/models").json()["models"][0]["tasks"]["search"]["available"] is True
     thumb = client.get(body["neighbours"][0]["thumbnail"])
     assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
 
@@ -184,6 +185,8 @@ def test_search_refuses_an_index_of_another_width():
     index = ExactIndex(torch.randn(3, 64), ["a", "b", "c"], model_id="other")
     with local_client(create_app(ServeSettings(), models=[tiny_served()], index=index)) as c:
         r = c.post("/v1/search", data={"gallery": "chelsea"})
+        search = c.get("/v1/models").json()["models"][0]["tasks"]["search"]
+    assert search["available"] is False and "64-dim" in search["reason"]
     assert r.status_code == 409 and "64-dim" in r.json()["detail"] and "192-dim" in r.json()["detail"]
 
 

@@ -99,7 +99,8 @@ def test_slow_upload_bodies_do_not_lock_out_healthz():
 
 
 def test_connections_beyond_the_cap_are_refused_and_healthz_returns():
-    app = create_app(ServeSettings(limits=Limits(max_connections=8, header_timeout_s=1.0)), models=[tiny_served()])
+    limits = Limits(max_connections=8, header_timeout_s=1.0)
+    app = create_app(ServeSettings(limits=limits), models=[tiny_served()])
     with ServerThread(app) as url:
         idle = _open(_port(url), 8, b"")
         extra = _open(_port(url), 1, b"")[0]

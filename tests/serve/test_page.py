@@ -37,3 +37,30 @@ def test_every_element_the_script_uses_exists():
     assert used and used <= ids, sorted(used - ids)
     for task in ("pca", "segment", "depth", "search", "match"):
         assert f'value="{task}"' in html
+
+
+def test_page_rules_the_browser_test_checks_hold_in_the_files():
+    """What test_browser.py checks in Chromium, checked in the served files (no browser needed)."""
+    css = (STATIC / "style.css").read_text()
+    js = (STATIC / "app.js").read_text()
+    # small pictures enlarged with visible pixels; long words (the weights URL) wrap on a phone
+    assert "image-rendering: pixelated" in css and re.search(r"body \{[^}]*overflow-wrap: anywhere", css)
+    assert "function readable" in js and "naturalWidth" in js
+    # a failed task clears the output: every error path of run() goes through failed()
+    run = js[js.index("async function run()"):js.index("// ---", js.index("async function run()"))]
+    assert "showError(" not in run.replace('showError("")', "") and run.count("failed(") == 3
+    assert "out.replaceChildren(" in js[js.index("function failed"):js.index("async function getJSON")]
+    # tasks the server cannot run are disabled, with its reason; gallery thumbnails have captions
+    assert "radio.disabled = !a.available" in js and "m.tasks" in js
+    assert 'class: "caption"' in js
+
+
+def test_models_say_which_tasks_each_model_can_run(client):
+    (m,) = client.get("/v1/models").json()["models"]
+    tasks = m["tasks"]
+    assert set(tasks) == {"embed", "pca", "segment", "segment_head", "depth", "search", "match"}
+    for t in ("embed", "pca", "segment", "match"):
+        assert tasks[t] == {"available": True, "reason": None}
+    assert tasks["depth"]["available"] is False and "--depth-head" in tasks["depth"]["reason"]
+    assert tasks["segment_head"]["available"] is False and "--seg-head" in tasks["segment_head"]["reason"]
+    assert tasks["search"]["available"] is False and "--index" in tasks["search"]["reason"]

@@ -1,6 +1,6 @@
 """``dinolab serve``: a web page and a JSON/HTTP API over the same backbones (FastAPI).
 
-Routes (OpenAPI schema at ``/openapi.json``, interactive docs at ``/docs``)::
+Routes (OpenAPI schema at ``/openapi.json``, interactive docs at ``/docs``; no ``/redoc``)::
 
     GET  /                      the demo page (static files, works offline)
     GET  /healthz               liveness + queue length
@@ -17,6 +17,8 @@ Routes (OpenAPI schema at ``/openapi.json``, interactive docs at ``/docs``)::
 Inputs are multipart form fields: ``image`` (a file) or ``gallery`` (a sample id), plus ``image2`` /
 ``gallery2`` for ``/v1/match``. Options are query parameters (``?model=...&segments=6``).
 Every error is ``{"detail": "..."}`` with a 4xx/5xx status; no request can take the server down.
+Only the bound Host names are answered and other sites' pages cannot POST (``allowed_hosts``,
+``allowed_origins``); replies carry no absolute server paths (:mod:`dinolab.serve.public`).
 
     app = create_app(models=[ServedModel.wrap(dinolab.create_model("vit_tiny_patch4", depth=2))])
 """
@@ -53,7 +55,7 @@ from dinolab.serve.guards import (
 from dinolab.serve.inputs import ServeError, decode_image
 from dinolab.serve.public import PublicJSONResponse
 from dinolab.serve.registry import ModelRegistry, ServedModel, resolve_models
-from dinolab.serve.routes import ERRORS, add_task_routes
+from dinolab.serve.routes import ERRORS, add_task_routes, task_availability
 from dinolab.serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -134,9 +136,9 @@ class Server:
         if self.index is None:
             return None
         resize, crop = self.query_transform or (None, None)
+        transform = {"resize": resize, "crop": crop, "recorded": self.query_transform_recorded}
         return {"count": len(self.index), "dim": self.index.dim, "model_id": self.index.model_id,
-                "thumbnails": self.images_root is not None,
-                "query_transform": {"resize": resize, "crop": crop, "recorded": self.query_transform_recorded}}
+                "thumbnails": self.images_root is not None, "query_transform": transform}
 
     def thumbnail_path(self, row: int) -> Path:
         """The indexed image of ``row``, only if it lies inside the configured image folder."""
@@ -282,9 +284,11 @@ def _info_routes(app: FastAPI, srv: Server) -> None:
 
     @app.get("/v1/models", response_model=schemas.ModelsResponse, tags=["info"])
     async def models() -> dict[str, Any]:
-        """Served models (source, size, heads, and how to get the official weights when on the fallback)."""
+        """Served models (source, size, heads, the tasks each can run here and why not, and how to get the
+        official weights when on the fallback), the index and the limits."""
         lim = srv.limits
-        return {"default": srv.registry.default.name, "models": [m.info() for m in srv.registry],
+        models = [{**m.info(), "tasks": task_availability(srv, m)} for m in srv.registry]
+        return {"default": srv.registry.default.name, "models": models,
                 "index": srv.index_info(),
                 "limits": {"max_upload_bytes": lim.max_bytes, "max_pixels": lim.max_pixels,
                            "min_side": lim.min_side, "timeout_s": lim.timeout_s, "max_queue": lim.max_queue,
@@ -376,8 +380,9 @@ def serve(settings: ServeSettings, *, announce: Callable[[str], None] = log.info
     try:
         app = create_app(settings, progress=progress)
         if settings.host not in ("127.0.0.1", "localhost", "::1"):
-            log.warning("listening on %s: the demo is reachable from other machines; it answers to the host "
-                        "names %s (--allowed-hosts adds more)", settings.host, ", ".join(allowed_hosts(settings)))
+            log.warning("listening on %s: the demo is reachable from other machines; it answers to the "
+                        "host names %s (--allowed-hosts adds more)", settings.host,
+                        ", ".join(allowed_hosts(settings)))
         url = url_of(sock)
         announce(f"dinolab serve: open {url}  (API docs: {url}docs; Ctrl-C stops)")
         _uvicorn_server(app, settings, log_level).run(sockets=[sock])

@@ -114,8 +114,9 @@ class BodyLimitMiddleware:
         self.timeout_s = timeout_s
 
     def _too_slow(self) -> HTTPException:
-        return HTTPException(408, f"the request body did not arrive within {self.timeout_s:g} s; send it faster "
-                             "(or start the server with a larger --body-timeout)", headers={"connection": "close"})
+        return HTTPException(408, f"the request body did not arrive within {self.timeout_s:g} s; send it "
+                             "faster (or start the server with a larger --body-timeout)",
+                             headers={"connection": "close"})
 
     def _message(self, size: str) -> str:
         return (f"request body of {size} bytes is over the limit of {self.max_bytes:,} bytes; send smaller "
@@ -197,11 +198,12 @@ class OriginCheckMiddleware:
         self.allowed = {o.strip().rstrip("/").lower() for o in allowed_origins}
 
     def allows(self, origin: str | None, host: str | None, fetch_site: str | None = None) -> bool:
-        """Whether a request with these ``Origin`` / ``Host`` / ``Sec-Fetch-Site`` headers may change state."""
+        """Whether a request with these ``Origin`` / ``Host`` / ``Sec-Fetch-Site`` headers may change
+        state."""
         if self.allow_any:
             return True
         if origin is None:
-            return fetch_site != "cross-site"  # not a browser, or an old one: same-site unless it says otherwise
+            return fetch_site != "cross-site"  # not a browser (or an old one): same-site unless it says so
         origin = origin.strip().rstrip("/").lower()
         if origin in self.allowed:
             return True
@@ -217,9 +219,9 @@ class OriginCheckMiddleware:
             origin = headers.get("origin")
             if not self.allows(origin, headers.get("host"), headers.get("sec-fetch-site")):
                 shown = (origin or "another site")[:80]
-                await send_json(send, 403, f"cross-origin request from {shown} refused: only this server's own "
-                                "page may send requests (start the server with --allowed-origins ORIGIN to "
-                                "allow another site)", close=True)
+                await send_json(send, 403, f"cross-origin request from {shown} refused: only this server's "
+                                "own page may send requests (start the server with --allowed-origins ORIGIN "
+                                "to allow another site)", close=True)
                 return
         await self.app(scope, receive, send)
 

@@ -55,6 +55,24 @@ TASK = {"responses": ERRORS, "tags": ["tasks"]}
 PICTURE_TASK = {"responses": {**ERRORS, **PICTURE}, "tags": ["tasks"]}
 
 
+def task_availability(srv: Server, m: ServedModel) -> dict[str, dict[str, Any]]:
+    """What ``m`` can do on this server, for ``GET /v1/models`` (the page disables the rest):
+    ``{task: {"available": bool, "reason": str | None}}``; ``segment_head`` is ``/v1/segment?mode=head``."""
+    def state(reason: str | None) -> dict[str, Any]:
+        return {"available": reason is None, "reason": reason}
+
+    search = None
+    if srv.index is None:
+        search = "no retrieval index loaded (start the server with --index, see dinolab index build)"
+    elif srv.index.dim != m.backbone.embed_dim:
+        search = (f"the index holds {srv.index.dim}-dim features, {m.name} gives {m.backbone.embed_dim}-dim "
+                  "ones (query with the model the index was built with)")
+    seg_head = None if m.seg_head else "no segmentation head (start the server with --seg-head)"
+    depth = None if m.depth_head else "no depth head (start the server with --depth-head)"
+    return {"embed": state(None), "pca": state(None), "segment": state(None), "segment_head": state(seg_head),
+            "depth": state(depth), "search": state(search), "match": state(None)}
+
+
 def _b64(png: bytes) -> str:
     return base64.b64encode(png).decode("ascii")
 
@@ -162,43 +180,6 @@ def add_task_routes(app: FastAPI, srv: Server) -> None:
                     "head": head.source}
         return _reply(await srv.run(job), format)
 
-    @app.post("/v1/search", response_model=schemas.SearchResponse, **TASK)
-    async def search(image: ImageFile = None, gallery: GalleryId = None, model: ModelName = None,
-                     k: TopK = 8) -> dict[str, Any]:
-        """Nearest indexed images by cosine similarity of CLS features (``dinolab index build``)."""
-        m = srv.model(model)
-        index = srv.index
-        if index is None:
-            raise ServeError(409, f"no retrieval index loaded: {INDEX_HINT}")
-        if index.dim != m.backbone.embed_dim:
-            built = index.model_id or "?"
-            raise ServeError(409, f"the index holds {index.dim}-dim features (built with {built}) but model "
-                             f"{m.name} gives {m.backbone.embed_dim}-dim ones: query with the model the "
-                             "index was built with, or rebuild the index with this one")
-        src = await srv.source(image, gallery, "image")
-        resize, crop = srv.query_transform or (256, 224)
-
-        def job() -> dict[str, Any]:
-            img = srv.decode(src)
-            q = tasks.query_feature(m.backbone, img, resize=resize, crop=crop)
-            scores, rows = index.search(q[None], k)
-            hits = [{"rank": r + 1, "id": index.ids[i], "score": round(float(sc), 5),
-                     "thumbnail": f"/v1/index/items/{i}" if srv.images_root else None}
-                    for r, (sc, i) in enumerate(zip(scores[0].tolist(), rows[0].tolist())) if i >= 0]  # faiss: -1 = none
-            warnings = []
-            if index.model_id and index.model_id not in (m.name, m.model_id):
-                warnings.append(f"the index was built with {index.model_id!r}; scores from {m.name} are "
-                                "meaningful only if that is the same backbone")
-            if not srv.query_transform_recorded:
-                warnings.append(f"the index records no query transform; the query was embedded at resize "
-                                f"{resize} / crop {crop}, which may not be how the index was embedded")
-            grid = (crop // m.patch_size,) * 2
-            return {**_base(m, tasks.display_image(img).size, grid), "neighbours": hits,
-                    "index_size": len(index), "index_model": index.model_id,
-                    "query_transform": {"resize": resize, "crop": crop},
-                    "warning": "; ".join(warnings) or None}
-        return await srv.run(job)
-
     @app.post("/v1/match", response_model=schemas.MatchResponse, **PICTURE_TASK)
     async def match(image: ImageFile = None, gallery: GalleryId = None, image2: Image2 = None,
                     gallery2: Gallery2 = None, model: ModelName = None, foreground: FgOnly = False,
@@ -223,3 +204,47 @@ def add_task_routes(app: FastAPI, srv: Server) -> None:
             return {"model": m.name, "_png": tasks.png_bytes(pic), "n_matches": len(mm), "matches": matches,
                     "grid1": list(mm.grid1), "grid2": list(mm.grid2)}
         return _reply(await srv.run(job), format)
+
+    _add_search_route(app, srv)
+
+
+def _add_search_route(app: FastAPI, srv: Server) -> None:
+    """``/v1/search``: the query is embedded with the index's own transform (``Server.query_transform``)."""
+
+    @app.post("/v1/search", response_model=schemas.SearchResponse, **TASK)
+    async def search(image: ImageFile = None, gallery: GalleryId = None, model: ModelName = None,
+                     k: TopK = 8) -> dict[str, Any]:
+        """Nearest indexed images by cosine similarity of CLS features (``dinolab index build``)."""
+        m = srv.model(model)
+        index = srv.index
+        if index is None:
+            raise ServeError(409, f"no retrieval index loaded: {INDEX_HINT}")
+        if index.dim != m.backbone.embed_dim:
+            built = index.model_id or "?"
+            raise ServeError(409, f"the index holds {index.dim}-dim features (built with {built}) but model "
+                             f"{m.name} gives {m.backbone.embed_dim}-dim ones: query with the model the "
+                             "index was built with, or rebuild the index with this one")
+        src = await srv.source(image, gallery, "image")
+        resize, crop = srv.query_transform or (256, 224)
+
+        def job() -> dict[str, Any]:
+            img = srv.decode(src)
+            q = tasks.query_feature(m.backbone, img, resize=resize, crop=crop)
+            scores, rows = index.search(q[None], k)
+            pairs = zip(scores[0].tolist(), rows[0].tolist())
+            hits = [{"rank": r + 1, "id": index.ids[i], "score": round(float(sc), 5),
+                     "thumbnail": f"/v1/index/items/{i}" if srv.images_root else None}
+                    for r, (sc, i) in enumerate(pairs) if i >= 0]  # faiss: -1 = none
+            warnings = []
+            if index.model_id and index.model_id not in (m.name, m.model_id):
+                warnings.append(f"the index was built with {index.model_id!r}; scores from {m.name} are "
+                                "meaningful only if that is the same backbone")
+            if not srv.query_transform_recorded:
+                warnings.append(f"the index records no query transform; the query was embedded at resize "
+                                f"{resize} / crop {crop}, which may not be how the index was embedded")
+            grid = (crop // m.patch_size,) * 2
+            return {**_base(m, tasks.display_image(img).size, grid), "neighbours": hits,
+                    "index_size": len(index), "index_model": index.model_id,
+                    "query_transform": {"resize": resize, "crop": crop},
+                    "warning": "; ".join(warnings) or None}
+        return await srv.run(job)

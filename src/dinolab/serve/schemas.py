@@ -93,7 +93,9 @@ class MatchResponse(BaseModel):
 
 class ModelsResponse(BaseModel):
     default: str
-    models: list[dict[str, Any]]
+    models: list[dict[str, Any]] = Field(description="per model: name, kind, source, sizes, heads, and "
+                                         "`tasks`: {task: {available, reason}} for embed, pca, segment, "
+                                         "segment_head, depth, search, match")
     index: dict[str, Any] | None
     limits: dict[str, Any]
 

@@ -16,10 +16,39 @@ function el(tag, attrs = {}, ...children) {
 
 function task() { return document.querySelector('input[name="task"]:checked').value; }
 
+// Small pictures (a 32-px upload, its 8x8-patch PCA) are enlarged by a whole factor so that their long
+// side reaches `side` px, with visible pixels (nearest neighbour: CSS image-rendering: pixelated).
+const READABLE_SIDE = 256;
+
+function fitReadable(img) {
+  const side = Number(img.dataset.readable);
+  img.classList.remove("pixelated");
+  img.removeAttribute("width");
+  const long = Math.max(img.naturalWidth, img.naturalHeight);
+  if (!long || long >= side) return;
+  img.width = img.naturalWidth * Math.ceil(side / long);
+  img.classList.add("pixelated");
+}
+
+function readable(img, side = READABLE_SIDE) {
+  if (!img.dataset.readable) img.addEventListener("load", () => fitReadable(img));
+  img.dataset.readable = String(side);
+  if (img.complete && img.naturalWidth) fitReadable(img);
+  return img;
+}
+
 function showError(message) {
   const box = $("error");
   box.textContent = message;
   box.hidden = !message;
+}
+
+// A failed task leaves no result of an earlier one under its error.
+function failed(message) {
+  showError(message);
+  const out = $("output");
+  out.replaceChildren(el("p", { class: "small", text: "No result: see the message above." }));
+  delete out.dataset.task;
 }
 
 async function getJSON(url) {
@@ -42,6 +71,28 @@ function describeModel() {
     (heads ? `; ${heads}.` : "; no trained heads.");
   $("notice").textContent = m.notice || "";
   $("notice").hidden = !m.notice;
+  updateAvailability(m);
+}
+
+// Tasks the server cannot run for this model (no depth head, no index ...) are disabled, with the
+// server's reason beside them (GET /v1/models: models[].tasks).
+function updateAvailability(m) {
+  const tasks = m.tasks || {};
+  for (const radio of document.querySelectorAll('input[name="task"]')) {
+    const a = tasks[radio.value] || { available: true, reason: null };
+    const label = radio.closest("label");
+    radio.disabled = !a.available;
+    label.classList.toggle("unavailable", !a.available);
+    label.title = a.available ? "" : a.reason;
+    label.querySelector(".why").textContent = a.available ? "" : `— ${a.reason}`;
+  }
+  const head = document.querySelector('#seg-mode option[value="head"]');
+  const seg = tasks.segment_head || { available: true };
+  head.disabled = !seg.available;
+  head.textContent = seg.available ? "trained head" : "trained head (none loaded)";
+  if (head.disabled && $("seg-mode").value === "head") $("seg-mode").value = "auto";
+  const checked = document.querySelector('input[name="task"]:checked');
+  if (checked && checked.disabled) document.querySelector('input[name="task"][value="pca"]').checked = true;
 }
 
 async function loadModels() {
@@ -81,6 +132,7 @@ function setInput(n, input) {
     img.src = `/v1/gallery/${encodeURIComponent(input.gallery)}?size=256`;
     $(`name${n}`).textContent = input.gallery;
   }
+  readable(img, 160);
   img.hidden = false;
   $(`slot${n}`).classList.add("filled");
   showError("");
@@ -108,7 +160,8 @@ async function loadGallery() {
     const items = await getJSON("/v1/gallery");
     $("gallery").replaceChildren(...items.map((g) => {
       const b = el("button", { type: "button", class: "thumb", title: g.title, "data-id": g.id });
-      b.append(el("img", { src: `${g.url}?size=128`, alt: g.title, loading: "lazy" }));
+      b.append(el("img", { src: `${g.url}?size=128`, alt: "", loading: "lazy" }),
+        el("span", { class: "caption", text: g.title }));
       b.addEventListener("click", () => setInput(state.slot, { gallery: g.id }));
       return b;
     }));
@@ -169,7 +222,7 @@ async function run() {
   const t = task();
   showError("");
   let form;
-  try { form = formFor(t); } catch (e) { showError(e.message); return; }
+  try { form = formFor(t); } catch (e) { failed(e.message); return; }
   state.busy = true;
   $("run").disabled = true;
   $("busy").hidden = false;
@@ -178,10 +231,10 @@ async function run() {
     const r = await fetch(`/v1/${t}?${queryFor(t)}`, { method: "POST", body: form });
     let body = null;
     try { body = await r.json(); } catch (_) { /* not JSON: reported below */ }
-    if (!r.ok) { showError(errorText(body, r.status)); return; }
+    if (!r.ok) { failed(errorText(body, r.status)); return; }
     render(t, body);
   } catch (e) {
-    showError(`request failed: ${e.message}`);
+    failed(`request failed: ${e.message}`);
   } finally {
     state.busy = false;
     $("run").disabled = false;
@@ -194,7 +247,7 @@ async function run() {
 
 function figure(src, caption, cls = "result-img") {
   const f = el("figure");
-  f.append(el("img", { src, alt: caption, class: cls }), el("figcaption", { text: caption }));
+  f.append(readable(el("img", { src, alt: caption, class: cls })), el("figcaption", { text: caption }));
   return f;
 }
 
@@ -236,7 +289,7 @@ function render(t, body) {
     const grid = el("ol", { class: "neighbours" });
     for (const n of body.neighbours) {
       const li = el("li");
-      if (n.thumbnail) li.append(el("img", { src: n.thumbnail, alt: n.id, class: "result-img" }));
+      if (n.thumbnail) li.append(readable(el("img", { src: n.thumbnail, alt: n.id, class: "result-img" }), 128));
       li.append(el("span", { class: "small", text: `${n.rank}. ${n.id} (${n.score.toFixed(3)})` }));
       grid.append(li);
     }
