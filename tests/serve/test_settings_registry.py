@@ -152,6 +152,6 @@ def test_offline_default_serves_the_embedded_model_with_its_heads(offline, monke
     assert "CamVid mIoU" in m.notice and "dinov2_vits14_pretrain.pth" in m.notice
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("embedded model" in w for w in warnings) and any("not loading heads" in w for w in warnings)
-    client = TestClient(create_app(settings, models=ModelRegistry([m])))
+    client = local_client(create_app(settings, models=ModelRegistry([m])))
     info = client.get("/v1/models").json()["models"][0]
     assert info["segmentation_head"] and info["depth_head"]
