@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
+from dinolab.errors import DinolabError
 from dinolab.models import load_model
 
 
@@ -67,4 +69,7 @@ def test_fsdp_training_matches_ddp_and_resumes_in_one_process(tmp_path, free_por
     (tmp_path / "fsdp" / "checkpoints" / "ckpt-00000006.pt").unlink()
     (tmp_path / "fsdp" / "results.json").unlink()
     cfg = load_config("cpu-smoke", [f"train.output_dir={tmp_path / 'fsdp'}", "train.batch_size_per_gpu=16"])
-    assert train(cfg, str(images), device="cpu", progress=False)["iterations"] == 6
+    with pytest.raises(DinolabError, match=r"train\.batch_size_per_gpu: 8 -> 16"):  # train.parallel may change
+        train(cfg, str(images), device="cpu", progress=False)
+    # the same global batch (2 x 8) in one process: a change of the per-process batch, accepted when forced
+    assert train(cfg, str(images), device="cpu", progress=False, force=True)["iterations"] == 6

@@ -261,3 +261,26 @@ def test_only_bad_images_with_workers_is_one_line(tmp_path, monkeypatch, capsys)
     assert _train(data, tmp_path / "b", "train.num_workers=1") == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "3 batches in a row held no decodable image (48 images skipped" in err
+
+
+def test_resume_changes_compare_what_is_learnt_not_how_it_runs():
+    from dinolab.config import config_to_dict
+    from dinolab.train.rundir import resume_changes
+
+    old = config_to_dict(load_config("cpu-smoke"))
+    new = config_to_dict(load_config("cpu-smoke", ["train.output_dir=moved", "train.num_workers=4",
+                                                    "train.parallel=fsdp", "crops.global_scale=[0.4,1.0]"]))
+    data = {"source": "/d", "n_images": 40}
+    assert resume_changes({"config": old, "data": data}, new, data) == {"crops.global_scale": [[0.35, 1.0], [0.4, 1.0]]}
+    assert resume_changes({"config": old}, old, data) == {}  # a checkpoint without a data record: not compared
+
+
+def test_truncate_logs_drops_later_rows_and_a_line_cut_by_a_kill(tmp_path):
+    from dinolab.train.rundir import truncate_logs
+
+    rows = [json.dumps({"iteration": i, "loss": 1.0}) for i in (1, 2, 3, 4)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(rows) + '\n{"iteration": 5, "lo')
+    (tmp_path / "knn.jsonl").write_text(json.dumps({"iteration": 2, "knn_top1": 10.0}) + "\n")
+    truncate_logs(tmp_path, 3)
+    assert _iterations(tmp_path) == [1, 2, 3]
+    assert (tmp_path / "knn.jsonl").read_text().count("\n") == 1

@@ -56,7 +56,7 @@ def _move(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def _previous_run(run_dir: Path, cfg: Config, data: dict, *, world: int, force: bool) -> tuple[Path, dict] | None:
+def _previous_run(run_dir: Path, cfg: Config, data: dict, *, force: bool) -> tuple[Path, dict] | None:
     """The newest checkpoint of ``run_dir`` and its contents (RNG not restored yet), after checking
     that it was trained with this config and data (``force``: accept and record the changes)."""
     path = latest_checkpoint(run_dir)
@@ -141,7 +141,7 @@ def _setup(cfg: Config, data: str, device: str | None, force: bool = False) -> _
         device or ("cuda" if cuda else "cpu"))
     items = training_items(data)
     record = data_record(data, len(items))
-    previous = _previous_run(run_dir, cfg, record, world=world, force=force)
+    previous = _previous_run(run_dir, cfg, record, force=force)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(run_dir)

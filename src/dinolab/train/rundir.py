@@ -1,7 +1,7 @@
 """A training run folder's bookkeeping around a resume.
 
-- :func:`check_resume`: what changed since the checkpoint being resumed (every config field but
-  ``train.output_dir``, and the training data). A change is refused with the list of differences
+- :func:`check_resume`: what changed since the checkpoint being resumed (every config field that
+  changes what is learnt, see ``IGNORED``, and the training data). A change is refused with the list of differences
   unless forced; every resume, forced or not, is appended to ``resumes.jsonl`` (``config.yaml`` keeps
   the config the run started with; each checkpoint holds the config and data it was trained with).
 - :func:`truncate_logs`: ``metrics.jsonl`` / ``knn.jsonl`` cut back to the resumed iteration, so the
@@ -25,7 +25,12 @@ from dinolab.io import atomic_write_text
 log = logging.getLogger(__name__)
 
 LOGS = ("metrics.jsonl", "knn.jsonl")  # one JSON row per line, each with an "iteration"
-IGNORED = ("train.output_dir",)  # the run folder may move; it names the run, it does not change it
+# How a run is executed and recorded, not what it learns: these may change on a resume. The run folder
+# may move; the data loader's workers, the parallel mode (checkpoints hold the full state) and
+# compilation or recomputation do not change the batches or the maths; the rest is bookkeeping.
+IGNORED = frozenset(f"train.{k}" for k in ("output_dir", "num_workers", "parallel", "compile", "log_every",
+                                           "activation_checkpointing", "checkpoint_every", "keep_last",
+                                           "eval_every"))
 
 
 def data_record(source: str, n_images: int) -> dict[str, Any]:
