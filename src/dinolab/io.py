@@ -1,22 +1,49 @@
 """Atomic file writes: everything a job leaves on disk goes through a temp file and ``os.replace``,
-so a killed process never leaves a half-written checkpoint, array, figure or JSON behind."""
+so a killed process never leaves a half-written checkpoint, array, figure or JSON behind.
+
+Files get the permissions an ordinary ``open(path, "w")`` would give them (``0o666`` less the
+process umask), not the owner-only ``0o600`` of the temp file. JSON is strict: a NaN or an infinity
+is refused (``DinolabError`` naming the file and the key), since ``NaN`` is not JSON; metrics that can
+be undefined (a class absent from a split) pass through :func:`json_safe` first, which writes null.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from dinolab.errors import DinolabError
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it, under a lock)."""
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """Permission bits of a new regular file: ``0o666`` less the umask (``0o644`` under umask 022)."""
+    return 0o666 & ~current_umask()
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], *, fsync: bool = True) -> Path:
-    """Call ``write(f)`` on a temp file in ``path``'s folder, fsync it, then rename it over ``path``."""
+    """Call ``write(f)`` on a temp file in ``path``'s folder, fsync it, then rename it over ``path``.
+    The file gets the umask's permissions (see the module docstring)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as f:
             write(f)
             if fsync:
@@ -34,9 +61,52 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode("utf-8", errors="surrogateescape")))
 
 
+def _nonfinite_key(obj: Any, where: str = "") -> str | None:
+    """The key path (e.g. ``[0].neighbours[2].score``) of the first NaN/inf float in ``obj``, or None."""
+    if isinstance(obj, float):
+        return None if math.isfinite(obj) else (where or "(top level)")
+    if isinstance(obj, dict):
+        items = ((f"{where}.{k}" if where else str(k), v) for k, v in obj.items())
+    elif isinstance(obj, (list, tuple)):
+        items = ((f"{where}[{i}]", v) for i, v in enumerate(obj))
+    else:
+        return None
+    return next((hit for key, v in items if (hit := _nonfinite_key(v, key)) is not None), None)
+
+
+def json_dumps(obj: Any, **kw: Any) -> str:
+    """``json.dumps`` that refuses NaN and infinities (``DinolabError`` naming the key); numpy/torch
+    scalars go through ``float``. ``kw`` as ``json.dumps`` (e.g. ``indent``)."""
+    try:
+        return json.dumps(obj, allow_nan=False, default=float, **kw)
+    except ValueError as e:
+        if "JSON compliant" not in str(e):
+            raise
+        key = _nonfinite_key(json.loads(json.dumps(obj, default=float)))
+        raise DinolabError(f"refusing to write a non-finite number (NaN or inf) at {key or 'some key'} into "
+                           "JSON") from None
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN/inf float replaced by None (JSON null): for values that can be undefined,
+    such as the IoU of a class absent from a split. Dicts, lists and tuples are copied."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON atomically (numpy/torch scalars via ``float``)."""
-    return atomic_write_text(path, json.dumps(obj, indent=1, default=float) + "\n")
+    """Write ``obj`` as indented, strict JSON atomically (numpy/torch scalars via ``float``); a NaN or
+    inf raises ``DinolabError`` naming ``path`` and the key, and nothing is written."""
+    try:
+        text = json_dumps(obj, indent=1)
+    except DinolabError as e:
+        raise DinolabError(f"{path}: {e}") from None
+    return atomic_write_text(path, text + "\n")
 
 
 def atomic_save_figure(fig: Any, path: str | os.PathLike, dpi: int = 100) -> Path:
