@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 import threading
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from dinolab.errors import DinolabError
@@ -112,3 +113,34 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 def atomic_save_figure(fig: Any, path: str | os.PathLike, dpi: int = 100) -> Path:
     """Save a matplotlib figure as PNG atomically."""
     return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi), fsync=False)
+
+
+def safe_relpath(image_id: str) -> str:
+    """An image id (relative path, list-file line or path as given) as a relative output path that
+    stays inside the output folder: its folders and its extension kept (``a/ok.bmp`` stays distinct
+    from ``a/ok.tiff``), ``..``, the root and empty parts dropped, characters other than letters,
+    digits, ``.``, ``-``, ``_`` and space replaced by ``_``, no hidden names."""
+    parts = []
+    for part in PurePosixPath(str(image_id).replace("\\", "/")).parts:
+        if part in ("", ".", "..", "/"):
+            continue
+        part = re.sub(r"[^\w.\- ]", "_", part).strip() or "_"
+        parts.append("_" + part if part.startswith(".") else part)
+    return "/".join(parts) or "image"
+
+
+def unique_output_names(image_ids: Sequence[str], suffix: str = "") -> list[str]:
+    """One distinct relative output path per image id: ``safe_relpath(id) + suffix``, and ``~2``,
+    ``~3`` ... before the suffix where two ids would still collide (case-insensitively, for file
+    systems that fold case)."""
+    seen: set[str] = set()
+    out = []
+    for image_id in image_ids:
+        base = safe_relpath(image_id)
+        name, k = base + suffix, 1
+        while name.lower() in seen:
+            k += 1
+            name = f"{base}~{k}{suffix}"
+        seen.add(name.lower())
+        out.append(name)
+    return out

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from dinolab.cli.common import add_model_args, load_backbone
+from dinolab.cli.common import add_model_args, add_overwrite_arg, add_progress_arg, load_backbone, model_options
 
 log = logging.getLogger("dinolab")
 
@@ -43,7 +43,8 @@ def cmd_embed(args: argparse.Namespace) -> None:
     init_distributed()  # under torchrun: the shards are dealt to the ranks, rank 0 merges
     autocast = {"auto": None, "fp32": False, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     images = args.images[0] if len(args.images) == 1 else args.images  # one folder / list file, or files
-    res = embed(load_backbone(args), images, args.out, model_id=str(args.model),
+    options = {**model_options(args), "precision": args.precision}
+    res = embed(load_backbone(args), images, args.out, model_id=str(args.model), model_key=options,
                 transform=make_classification_transform(args.resize, args.crop), batch_size=args.batch_size,
                 num_workers=args.num_workers, device=args.device, autocast=autocast,
                 pooling=args.pooling.split(","), fmt=args.format, shard_size=args.shard_size,
@@ -58,7 +59,7 @@ def cmd_pca(args: argparse.Namespace) -> None:
     images = args.images or sample_images(args.samples.split(",") if args.samples else None)
     out = pca_figure(load_backbone(args), images, args.out, short_side=args.short_side, threshold=args.threshold,
                      foreground=args.foreground, show_mask=not args.no_mask,
-                     device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+                     device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), model_name=str(args.model))
     print(f"wrote {out}")
 
 
@@ -68,8 +69,6 @@ def cmd_convert(args: argparse.Namespace) -> None:
     model = load_backbone(args)
     out = save_hf_folder(model, args.out) if args.to == "hf" else save_official(model, args.out)
     print(f"wrote {out}")
-
-
 
 
 def add_parsers(sub) -> None:
@@ -97,8 +96,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--resize", type=int, default=256, help="short side before the centre crop (default 256)")
     p.add_argument("--crop", type=int, default=224, help="centre crop (default 224)")
     p.add_argument("--shard-size", type=int, default=4096, help="images per resumable shard")
-    p.add_argument("--overwrite", action="store_true", help="start over in a non-empty --out")
-    p.add_argument("--no-progress", action="store_true")
+    add_overwrite_arg(p, help="start over in a non-empty --out (default: resume the run there, refused when "
+                      "the model, weights or options differ)")
+    add_progress_arg(p)
     add_model_args(p)
     p.set_defaults(func=cmd_embed)
 

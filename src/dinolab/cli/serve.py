@@ -52,7 +52,7 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--max-pixels", type=int, help="largest width x height (default 40,000,000)")
     p.add_argument("--timeout", type=float, help="seconds before a request gets 504 (default 120)")
     p.add_argument("--max-queue", type=int, help="model jobs waiting at once before 503 (default 32)")
-    add_model_args(p, default=None)
+    add_model_args(p, default=None, seed=False)
     p.set_defaults(func=cmd_serve)
 
 
