@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dinolab.errors import DinolabError
-from dinolab.io import atomic_write, atomic_write_json, atomic_write_text, json_safe
+from dinolab.io import atomic_write, atomic_write_json, atomic_write_text, json_safe, unique_output_names
 
 
 @pytest.fixture
@@ -51,3 +51,14 @@ def test_json_safe_turns_undefined_metrics_into_null(tmp_path):
     path = atomic_write_json(tmp_path / "r.json", json_safe(res))
     assert json.loads(path.read_text()) == {"miou": 12.5, "per_class_iou": {"road": 40.0, "absent": None},
                                             "rows": [1, [None]]}
+
+
+def test_output_names_are_unique_and_stay_inside_the_folder():
+    ids = ["ok.bmp", "ok.tiff", "ok.webp", "a/x.jpg", "b/x.jpg", "/data/q/y.jpg", "/data/r/y.jpg", "/t/solo.png",
+           "../../etc/passwd", "line\nbreak.png", ".hidden.png", "OK.bmp"]
+    names = unique_output_names(ids, ".png")
+    assert names[:5] == ["ok.bmp.png", "ok.tiff.png", "ok.webp.png", "a/x.jpg.png", "b/x.jpg.png"]
+    assert names[5:9] == ["q/y.jpg.png", "r/y.jpg.png", "solo.png.png", "passwd.png"]  # just enough folders
+    assert names[9] == "line_break.png.png" and names[10] == "_.hidden.png.png" and names[11] == "OK.bmp~2.png"
+    assert len({n.lower() for n in names}) == len(names)
+    assert all(not n.startswith("/") and ".." not in n.split("/") for n in names)

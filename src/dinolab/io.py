@@ -115,32 +115,53 @@ def atomic_save_figure(fig: Any, path: str | os.PathLike, dpi: int = 100) -> Pat
     return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi), fsync=False)
 
 
+def _clean(part: str) -> str:
+    part = re.sub(r"[^\w.\- ]", "_", part).strip() or "_"
+    return "_" + part if part.startswith(".") else part
+
+
+def _id_parts(image_id: str) -> tuple[list[str], bool]:
+    """The id's path parts without root, ``.``, ``..``; and whether it points outside its folder
+    (absolute, or climbing with ``..``)."""
+    raw = PurePosixPath(str(image_id).replace("\\", "/"))
+    outside = raw.is_absolute() or ".." in raw.parts
+    return [q for q in raw.parts if q not in ("", ".", "..", "/")] or ["image"], outside
+
+
 def safe_relpath(image_id: str) -> str:
     """An image id (relative path, list-file line or path as given) as a relative output path that
     stays inside the output folder: its folders and its extension kept (``a/ok.bmp`` stays distinct
     from ``a/ok.tiff``), ``..``, the root and empty parts dropped, characters other than letters,
     digits, ``.``, ``-``, ``_`` and space replaced by ``_``, no hidden names."""
-    parts = []
-    for part in PurePosixPath(str(image_id).replace("\\", "/")).parts:
-        if part in ("", ".", "..", "/"):
-            continue
-        part = re.sub(r"[^\w.\- ]", "_", part).strip() or "_"
-        parts.append("_" + part if part.startswith(".") else part)
-    return "/".join(parts) or "image"
+    return "/".join(_clean(q) for q in _id_parts(image_id)[0])
 
 
 def unique_output_names(image_ids: Sequence[str], suffix: str = "") -> list[str]:
-    """One distinct relative output path per image id: ``safe_relpath(id) + suffix``, and ``~2``,
-    ``~3`` ... before the suffix where two ids would still collide (case-insensitively, for file
-    systems that fold case)."""
+    """One distinct relative output path per image id, ``safe_relpath(id) + suffix``: relative ids
+    keep their folders; ids outside their folder (absolute paths, ``..``) keep only as many trailing
+    folders as tell them apart (``/data/a/x.jpg``, ``/data/b/x.jpg`` -> ``a/x.jpg``, ``b/x.jpg``).
+    What still collides (case-insensitively, for file systems that fold case) gets ``~2``, ``~3`` ...
+    before the suffix."""
+    split = [_id_parts(i) for i in image_ids]
+    keep = [1 if outside else len(parts) for parts, outside in split]
+    while True:
+        names = ["/".join(_clean(q) for q in parts[-k:]).lower() for (parts, _), k in zip(split, keep)]
+        counts: dict[str, int] = {}
+        for n in names:
+            counts[n] = counts.get(n, 0) + 1
+        grow = [j for j, n in enumerate(names) if counts[n] > 1 and keep[j] < len(split[j][0])]
+        if not grow:
+            break
+        for j in grow:
+            keep[j] += 1
     seen: set[str] = set()
     out = []
-    for image_id in image_ids:
-        base = safe_relpath(image_id)
-        name, k = base + suffix, 1
+    for (parts, _), k in zip(split, keep):
+        base = "/".join(_clean(q) for q in parts[-k:])
+        name, n = base + suffix, 1
         while name.lower() in seen:
-            k += 1
-            name = f"{base}~{k}{suffix}"
+            n += 1
+            name = f"{base}~{n}{suffix}"
         seen.add(name.lower())
         out.append(name)
     return out

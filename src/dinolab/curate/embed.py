@@ -29,6 +29,7 @@ The output folder must be visible to all ranks (one node, or a shared file syste
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -61,7 +62,7 @@ from dinolab.eval.features import (
     _log_skipped,
     _precision,
 )
-from dinolab.io import atomic_write, atomic_write_json, atomic_write_text, file_mode
+from dinolab.io import atomic_write, atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -218,16 +219,25 @@ def _shard_blocks(out: Path, n_shards: int, key: str) -> Iterator[np.ndarray]:
 
 
 def _save_npy(path: Path, shape: tuple[int, ...], blocks: Iterator[np.ndarray]) -> None:
-    """Stream ``blocks`` into a memory-mapped .npy (no second copy in RAM), then rename into place."""
+    """Stream ``blocks`` into a memory-mapped .npy (no second copy in RAM), then rename into place.
+    The file's blocks are reserved first, so a full disk raises ``OSError`` (ENOSPC) here instead of
+    killing the process with SIGBUS when a write through the memory map finds no space."""
     tmp = path.with_name(path.name + ".tmp")
     arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+    try:
+        with open(tmp, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # a file system that cannot: go on
+            del arr
+            tmp.unlink(missing_ok=True)
+            raise OSError(e.errno, e.strerror, str(path)) from None
     start = 0
     for block in blocks:
         arr[start:start + len(block)] = block
         start += len(block)
     arr.flush()
     del arr
-    os.chmod(tmp, file_mode())
     os.replace(tmp, path)
 
 

@@ -96,8 +96,8 @@ def search(index: Index, *, k: int = 10, model: nn.Module | None = None,
                                f"{skipped[0][1]}")
         bad = [str(feats.ids[i]) for i in np.flatnonzero(~torch.isfinite(feats.cls).all(dim=1).numpy())[:3]]
         if bad:
-            raise DinolabError(f"the model gives non-finite features (NaN or inf) for the query image(s) {', '.join(bad)}"
-                               ": its weights are broken")
+            raise DinolabError("the model gives non-finite features (NaN or inf) for the query image(s) "
+                               f"{', '.join(bad)}: its weights are broken")
         if feats.cls.shape[1] != index.dim:
             raise DinolabError(f"the model gives {feats.cls.shape[1]}-d features but the index holds {index.dim}-d "
                                f"ones (built with {index.model_id or 'an unnamed model'}); pass that --model")

@@ -440,7 +440,8 @@ def run_seg_eval(model: nn.Module, ckpt: SegHeadCheckpoint, ds: SegmentationData
     res = {"task": "seg-eval", "model": model_id, "head": ckpt.source, "data": _described(ds),
            "preprocessing": {"short_side": short_side, "round_to_patch": round_to_patch},
            "inference": inference.as_dict(), **_named(scores, ds.classes),
-           "headline": {"metric": "mIoU", "value": json_safe(scores["miou"])}, "wall_s": {"eval": time.perf_counter() - t0}}
+           "headline": {"metric": "mIoU", "value": json_safe(scores["miou"])},
+           "wall_s": {"eval": time.perf_counter() - t0}}
     if out_dir is not None:
         _write_scores(Path(out_dir), res, cm, ds.classes, f"mIoU {scores['miou']:.2f}")
     return res
