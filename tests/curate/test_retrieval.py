@@ -124,3 +124,14 @@ def test_search_skips_bad_queries_and_sheet_finds_relative_query_files(tmp_path,
         (str(Path("queries") / "q.png"), 2, False), (str(Path("queries") / "broken.png"), 0, True)]
     assert str(Path("queries") / "q.png") in drawn  # the query tile: the file in the working directory
     assert not any(p.endswith("broken.png") for p in drawn) and Path("hits.png").stat().st_size > 0
+
+
+def test_index_reads_the_transform_of_new_and_old_embed_folders():
+    """meta.json now holds the transform as a dict; folders written before hold its repr text."""
+    from dinolab.curate.retrieval import transform_sizes
+    from dinolab.data.transforms import describe_transform, make_classification_transform
+
+    tf = make_classification_transform(64, 48)
+    assert transform_sizes(describe_transform(tf)) == {"resize": 64, "crop": 48}
+    assert transform_sizes(repr(tf)) == {"resize": 64, "crop": 48}  # an old folder
+    assert transform_sizes({"steps": []}) == {} and transform_sizes("Compose(custom)") == {}

@@ -182,6 +182,7 @@ def _depth_head(args: argparse.Namespace):
 
 def cmd_depth(args: argparse.Namespace) -> None:
     from dinolab.eval import depth
+    from dinolab.eval.depth_predict import format_depth_table
 
     progress = not args.no_progress
     common = {"short_side": args.short_side, "unpad": args.unpad, "device": args.device, "progress": progress}
@@ -199,7 +200,7 @@ def cmd_depth(args: argparse.Namespace) -> None:
             weight_decay=args.weight_decay, grad_loss=args.grad_loss, augment=args.augment,
             crop_fraction=args.crop_fraction, seed=args.seed, out_dir=out, save_png=args.save_png,
             model_id=str(args.model), **common, **settings)
-        print(depth.format_depth_table(res))
+        print(format_depth_table(res))
         print(f"head: {out / 'head.pth'}  results: {out / 'results.json'}")
         return
     out = args.out or Path("runs") / f"depth-eval-{Path(str(args.head)).stem}"
@@ -210,7 +211,7 @@ def cmd_depth(args: argparse.Namespace) -> None:
         res = depth.evaluate_depth(model, loaded, data, flip_tta=args.flip_tta,
                                    out_dir=out, save_png=args.save_png, model_id=str(args.model),
                                    head_id=str(args.head), **common)
-        print(depth.format_depth_table(res))
+        print(format_depth_table(res))
         print(f"results: {out / 'results.json'}")
     else:
         from dinolab.eval.depth_predict import predict_images

@@ -91,14 +91,14 @@ def search(index: Index, *, k: int = 10, model: nn.Module | None = None,
         if skipped:
             log.warning("skipped %d of %d query images that could not be read, e.g. %s (%s)", len(skipped),
                         len(images), *skipped[0])
-        if not feats.ids:
+        if not feats.ids and not ids:
             raise DinolabError(f"none of the {len(images)} query images could be read, e.g. {skipped[0][0]}: "
                                f"{skipped[0][1]}")
         bad = [str(feats.ids[i]) for i in np.flatnonzero(~torch.isfinite(feats.cls).all(dim=1).numpy())[:3]]
         if bad:
             raise DinolabError("the model gives non-finite features (NaN or inf) for the query image(s) "
                                f"{', '.join(bad)}: its weights are broken")
-        if feats.cls.shape[1] != index.dim:
+        if feats.ids and feats.cls.shape[1] != index.dim:
             raise DinolabError(f"the model gives {feats.cls.shape[1]}-d features but the index holds {index.dim}-d "
                                f"ones (built with {index.model_id or 'an unnamed model'}); pass that --model")
         queries.append(feats.cls)

@@ -62,7 +62,6 @@ from dinolab.losses.depth import GradientLoss, SigLoss
 log = logging.getLogger(__name__)
 
 UNPAD_MODES = ("crop", "stretch")
-HEADLINE = ("rmse", "abs_rel", "log10", "delta1", "delta2", "delta3")
 _normalize = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
                          v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
@@ -438,13 +437,19 @@ def train_depth_head(
         res["val_metrics"], res["val_per_image"] = json_safe(_evaluate_cached(net, cfg, val_items, val, dev, unpad))
         res["headline"] = {"metric": "val rmse (m)", "value": res["val_metrics"]["rmse"]}
     if out is not None:
-        from dinolab.eval.depth_predict import draw_samples
         res["head_path"] = str(out / "head.pth")
         if val is not None and save_png:
             draw_samples(model, net, cfg, val, out / "samples", save_png, short_side, unpad, dev)
         atomic_write_json(out / "results.json", res)
         log.info("wrote %s", out / "results.json")
     return res, LoadedHead(net.eval(), cfg, {"model": model_id}, model_id)
+
+
+def draw_samples(*args: Any) -> None:
+    """``dinolab.eval.depth_predict.draw_samples`` (imported here late: that module imports this one)."""
+    from dinolab.eval.depth_predict import draw_samples as draw
+
+    draw(*args)
 
 
 def _ds_info(ds: DepthDataset) -> dict:
@@ -480,21 +485,9 @@ def evaluate_depth(model: nn.Module, loaded: LoadedHead, ds: DepthDataset, *, sh
            "metrics": metrics, "per_image": per_image, "wall_s": time.perf_counter() - t0,
            "headline": {"metric": "rmse (m)", "value": metrics["rmse"]}}
     if out_dir is not None:
-        from dinolab.eval.depth_predict import draw_samples
         out = Path(out_dir)
         if save_png:
             draw_samples(model, loaded.head, loaded.config, ds, out / "samples", save_png, short_side, unpad, dev)
         atomic_write_json(out / "results.json", res)
         log.info("wrote %s", out / "results.json")
     return res
-
-
-def format_depth_table(res: dict) -> str:
-    """One header line and the headline metrics, printed at the end of ``dinolab depth``."""
-    m = res.get("metrics") or res.get("val_metrics")
-    what = res["dataset"]["name"] if "dataset" in res else (res["val"] or {}).get("name", "-")
-    line = f"{res['task']} | model {res['model']} | {res['head_config']['kind']} head | {what}"
-    if not m:
-        return line + f" | final train loss {res['history'][-1]['loss']:.4f} (no --val set)"
-    return line + "\n  " + "  ".join(f"{k} {m[k]:.4f}" for k in HEADLINE)
-

@@ -29,6 +29,8 @@ from dinolab.io import atomic_save_figure, atomic_write, atomic_write_json, safe
 
 log = logging.getLogger(__name__)
 
+HEADLINE = ("rmse", "abs_rel", "log10", "delta1", "delta2", "delta3")
+
 
 def _sources(images: ImageSource | Sequence[ImageSource]) -> tuple[list[str], list[str]]:
     """(paths, ids) of one source (folder, list file, image) or of several: with several folders or
@@ -125,3 +127,14 @@ def draw_samples(model: nn.Module, head: nn.Module, cfg: DepthHeadConfig, ds: De
         s = ds.load(i)
         pred = predict_depth(model, head, cfg, s.image, short_side=short_side, unpad=unpad, device=device)
         save_depth_figure(folder / f"{safe_relpath(s.id)}.png", s.image, pred, s.depth, title=s.id)
+
+
+def format_depth_table(res: dict) -> str:
+    """One header line and the headline metrics, printed at the end of ``dinolab depth train|eval``
+    (n/a: a metric without a valid pixel)."""
+    m = res.get("metrics") or res.get("val_metrics")
+    what = res["dataset"]["name"] if "dataset" in res else (res["val"] or {}).get("name", "-")
+    line = f"{res['task']} | model {res['model']} | {res['head_config']['kind']} head | {what}"
+    if not m:
+        return line + f" | final train loss {res['history'][-1]['loss']:.4f} (no --val set)"
+    return line + "\n  " + "  ".join(f"{k} {m[k]:.4f}" if m[k] is not None else f"{k} n/a" for k in HEADLINE)
