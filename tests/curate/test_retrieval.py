@@ -1,6 +1,7 @@
 """`dinolab embed` -> `dinolab index build` -> `dinolab index search` end to end."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,3 +81,57 @@ def test_faiss_kinds_and_batch_queries_from_cli(tmp_path, capsys, tiny_vit_check
                  "--kind", "exact"]) == 0
     assert main(["index", "search", "--index", str(tmp_path / "ex"), "--id", "c0/0.png", "--nprobe", "4"]) == 2
     assert "faiss indexes" in capsys.readouterr().err
+
+
+def test_search_skips_bad_queries_and_sheet_finds_relative_query_files(tmp_path, monkeypatch, tiny_vit_checkpoint):
+    """--images with an unreadable file once stopped at it; a query path relative to the working directory
+    was looked up under the index's image root and drawn as "missing"."""
+    import dinolab.curate.retrieval as retrieval
+
+    imgs = tmp_path / "imgs"
+    (imgs / "c0").mkdir(parents=True)
+    rng = np.random.default_rng(2)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(imgs / "c0" / f"{i}.png")
+    (tmp_path / "work" / "queries").mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "work" / "queries" / "q.png")
+    (tmp_path / "work" / "queries" / "broken.png").write_bytes(b"not a png")
+    ckpt = tiny_vit_checkpoint(tmp_path / "m.pth")
+    assert main(["embed", str(imgs), "--out", str(tmp_path / "emb"), "--resize", "32", "--crop", "32",
+                 "--no-progress", "--model", str(ckpt), "--device", "cpu"]) == 0
+    assert main(["index", "build", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "idx")]) == 0
+    monkeypatch.chdir(tmp_path / "work")
+    from dinolab.data import images as images_mod
+
+    drawn, real_sheet, real_load = [], retrieval.contact_sheet, images_mod.load_rgb
+
+    def spy(path):
+        img = real_load(path)
+        drawn.append(str(path))  # loaded and drawn, not "missing"
+        return img
+
+    def sheet(*args, **kwargs):  # spy on the files the contact sheet reads, and only on those
+        with monkeypatch.context() as m:
+            m.setattr(images_mod, "load_rgb", spy)
+            return real_sheet(*args, **kwargs)
+
+    monkeypatch.setattr(retrieval, "contact_sheet", sheet)
+    rc = main(["index", "search", "--index", str(tmp_path / "idx"), "--images", "queries", "-k", "2",
+               "--out", "hits.json", "--sheet", "hits.png", "--device", "cpu"])
+    assert rc == 0
+    res = json.loads(Path("hits.json").read_text())
+    assert [(r["query"], len(r["neighbours"]), "skipped" in r) for r in res] == [
+        (str(Path("queries") / "q.png"), 2, False), (str(Path("queries") / "broken.png"), 0, True)]
+    assert str(Path("queries") / "q.png") in drawn  # the query tile: the file in the working directory
+    assert not any(p.endswith("broken.png") for p in drawn) and Path("hits.png").stat().st_size > 0
+
+
+def test_index_reads_the_transform_of_new_and_old_embed_folders():
+    """meta.json now holds the transform as a dict; folders written before hold its repr text."""
+    from dinolab.curate.retrieval import transform_sizes
+    from dinolab.data.transforms import describe_transform, make_classification_transform
+
+    tf = make_classification_transform(64, 48)
+    assert transform_sizes(describe_transform(tf)) == {"resize": 64, "crop": 48}
+    assert transform_sizes(repr(tf)) == {"resize": 64, "crop": 48}  # an old folder
+    assert transform_sizes({"steps": []}) == {} and transform_sizes("Compose(custom)") == {}

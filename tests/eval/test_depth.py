@@ -421,9 +421,21 @@ def test_cli_depth_train_eval_predict(setup, tmp_path, capsys, one_thread):
     assert res["dataset"]["crop"] == "eigen" and res["dataset"]["max_depth"] == 5.0 and len(res["per_image"]) == 2
     assert main(["depth", "predict", str(root / "val" / "rgb" / "01.png"), "--head",
                  str(tmp_path / "run" / "head.pth"), "--out", str(tmp_path / "pred"), "--no-progress"]) == 0
-    pred = np.load(tmp_path / "pred" / "01_depth.npy")
+    pred = np.load(tmp_path / "pred" / "01.png_depth.npy")
     assert pred.shape == (28, 40) and pred.dtype == np.float32 and 1e-3 <= pred.min() <= pred.max() <= 10.0
-    assert Image.open(tmp_path / "pred" / "01_depth.png").format == "PNG"
+    assert Image.open(tmp_path / "pred" / "01.png_depth.png").format == "PNG"
+    # a/x.png and b/x.png once both became x_depth.*; a bad image once stopped the folder
+    for sub in ("a", "b"):
+        (tmp_path / "in" / sub).mkdir(parents=True)
+        Image.open(root / "val" / "rgb" / "01.png").save(tmp_path / "in" / sub / "x.png")
+    (tmp_path / "in" / "a" / "0bad.png").write_bytes(b"not a png")
+    assert main(["depth", "predict", str(tmp_path / "in" / "a"), str(tmp_path / "in" / "b"), "--head",
+                 str(tmp_path / "run"), "--out", str(tmp_path / "pred2"), "--no-progress"]) == 0
+    rows = json.loads((tmp_path / "pred2" / "predictions.json").read_text())
+    assert (rows["n_listed"], rows["n_written"], rows["n_skipped"]) == (3, 2, 1)
+    assert sorted(r["npy"] for r in rows["images"] if "npy" in r) == ["a/x.png_depth.npy", "b/x.png_depth.npy"]
+    assert (tmp_path / "pred2" / "a" / "x.png_depth.png").is_file()
+    assert (tmp_path / "pred2" / "b" / "x.png_depth.npy").is_file()
     # a head does not fit another backbone: one clear line, exit code 2
     other = tmp_path / "other.pth"
     save_official(dinolab.create_model("vit_tiny_patch4", depth=2, img_size=32), other)

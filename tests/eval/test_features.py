@@ -129,7 +129,10 @@ def test_embed_bookkeeping_with_bad_inputs(model, messy, tmp_path):
     np.testing.assert_allclose(arrays["cls"], ref.cls.numpy(), atol=1e-5)
     meta = json.loads((out / "meta.json").read_text())
     assert meta["count"] == 7 and meta["skipped"] == 3 and meta["dims"]["cls"] == [7, model.embed_dim]
-    assert meta["model_id"] == "tiny" and meta["pooling"] == ["cls"] and "Resize" in meta["transform"]
+    assert meta["model_id"] == "tiny" and meta["pooling"] == ["cls"]
+    tf = meta["transform"]  # structured JSON, not a repr
+    assert (tf["resize"], tf["crop"], tf["interpolation"]) == (40, 32, "bicubic")
+    assert tf["mean"] == [0.485, 0.456, 0.406] and [s["op"] for s in tf["steps"]][:2] == ["Resize", "CenterCrop"]
     assert not (out / "shards").exists()
 
 

@@ -85,3 +85,28 @@ def test_cli_eval_reports_missing_dataset_in_one_line(tmp_path, capsys):
                "--model", "vit_tiny_patch8", "--random-init"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error:") and err.count("\n") == 1
+
+
+def test_cli_eval_limit_counts_and_overwrite(tmp_path, capsys):
+    """--limit / --test-limit pick seeded subsets; results.json counts listed, scored and skipped images;
+    a finished run folder is not replaced without --overwrite."""
+    _folder(tmp_path / "tr", 4, 2)  # 12 images
+    _folder(tmp_path / "te", 3, 3)  # 9 images, one of them unreadable
+    (tmp_path / "te" / "red" / "0.png").write_bytes(b"not a png")
+    run = tmp_path / "run"
+    argv = ["eval", "knn", "--train", str(tmp_path / "tr"), "--test", str(tmp_path / "te"), "--model",
+            "vit_tiny_patch8", "--random-init", "--resize", "32", "--crop", "32", "--ks", "1", "--out", str(run),
+            "--device", "cpu", "--no-progress"]
+    assert main(argv) == 0
+    full = json.loads((run / "results.json").read_text())
+    assert (full["train"]["n_listed"], full["train"]["n_scored"], full["train"]["n_skipped"]) == (12, 12, 0)
+    assert (full["test"]["n_listed"], full["test"]["n_scored"], full["test"]["n_skipped"]) == (9, 8, 1)
+    assert main(argv) == 2 and "--overwrite" in capsys.readouterr().err  # the finished run is kept
+    assert main([*argv, "--limit", "6", "--test-limit", "9", "--overwrite"]) == 0
+    small = json.loads((run / "results.json").read_text())
+    assert small["train"]["n_listed"] == 6 and small["test"]["n_listed"] == 9 and small["test"]["n_skipped"] == 1
+    assert main([*argv, "--limit", "5", "--overwrite"]) == 0  # --limit alone: both splits
+    both = json.loads((run / "results.json").read_text())
+    assert both["train"]["n_listed"] == 5 and both["test"]["n_listed"] == 5
+    assert main([*argv, "--few-shot", "2", "--overwrite"]) == 0
+    assert json.loads((run / "results.json").read_text())["train"]["n_listed"] == 6  # 2 per class

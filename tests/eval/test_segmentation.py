@@ -389,6 +389,7 @@ def test_cli_train_eval_predict(synthetic, tmp_path, capsys):
     res = json.loads((run / "results.json").read_text())
     assert set(res["per_class_iou"]) == {"red", "blue"} and 0 <= res["miou"] <= 100 and res["pixel_acc"] > 50
     assert res["train"]["n"] == 6 and res["eval"]["n"] == 3 and res["eval"]["split"] == "val"
+    assert (res["eval"]["n_listed"], res["eval"]["n_scored"], res["eval"]["n_skipped"]) == (3, 3, 0)
     lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2, 3] and lines[-1]["val_miou"] == pytest.approx(res["miou"])
     assert json.loads((run / "options.json").read_text())["epochs"] == 3
@@ -403,14 +404,57 @@ def test_cli_train_eval_predict(synthetic, tmp_path, capsys):
     ev2 = json.loads((tmp_path / "ev2" / "results.json").read_text())
     assert rc == 0 and ev2["inference"]["scales"] == [1.0, 1.5] and ev2["inference"]["flip"]
 
+    rc = main(["seg", "eval", "--head", str(run), "--data", str(val), "--classes", "red,blue", "--limit", "2",
+               "--out", str(tmp_path / "ev3"), *model])
+    ev3 = json.loads((tmp_path / "ev3" / "results.json").read_text())
+    assert rc == 0 and (ev3["data"]["n_listed"], ev3["data"]["n_scored"], ev3["data"]["n_skipped"]) == (2, 2, 0)
+    assert main(["seg", "eval", "--head", str(run), "--data", str(val), "--classes", "red,blue",
+                 "--out", str(tmp_path / "ev3"), *model]) == 2  # a finished run folder needs --overwrite
+
     rc = main(["seg", "predict", str(val / "images"), "--head", str(run), "--out", str(tmp_path / "pred"), *model])
     assert rc == 0
     pred = json.loads((tmp_path / "pred" / "predictions.json").read_text())
     assert [r["id"] for r in pred["images"]] == ["00.png", "01.png", "02.png"] and pred["classes"] == ["red", "blue"]
-    fig = Image.open(tmp_path / "pred" / "00.png")
+    fig = Image.open(tmp_path / "pred" / "00.png.png")
     assert fig.height == 56 and fig.width > 2 * 56  # image | overlay | legend
-    mask = np.asarray(Image.open(tmp_path / "pred" / "masks" / "00.png"))
+    mask = np.asarray(Image.open(tmp_path / "pred" / "masks" / "00.png.png"))
     assert mask.shape == (56, 56) and set(np.unique(mask).tolist()) <= {0, 1}
+
+
+def test_cli_predict_keeps_one_output_per_image_and_counts_skips(synthetic, tmp_path):
+    """ok.bmp / ok.tiff / ok.webp once all became ok.png (the last one won); a bad file is skipped and counted."""
+    base, train, _ = synthetic
+    run = tmp_path / "run"
+    model = ["--model", str(base / "backbone.pth"), "--device", "cpu", "--no-progress"]
+    assert main(["seg", "train", "--train", str(train), "--classes", "red,blue", "--short-side", "32", "--epochs",
+                 "1", "--out", str(run), *model]) == 0
+    imgs = tmp_path / "imgs"
+    (imgs / "sub").mkdir(parents=True)
+    src = Image.open(train / "images" / "00.png")
+    for ext in ("bmp", "tiff", "webp"):
+        src.save(imgs / f"ok.{ext}")
+    src.save(imgs / "sub" / "ok.bmp")
+    (imgs / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "pred"
+    assert main(["seg", "predict", str(imgs), "--head", str(run), "--out", str(out), *model]) == 0
+    pred = json.loads((out / "predictions.json").read_text())
+    written = [r["overlay"] for r in pred["images"] if "overlay" in r]
+    assert sorted(written) == ["ok.bmp.png", "ok.tiff.png", "ok.webp.png", "sub/ok.bmp.png"]
+    assert all((out / w).exists() and (out / "masks" / w).exists() for w in written)
+    assert (pred["n_listed"], pred["n_written"], pred["n_skipped"]) == (5, 4, 1)
+    assert [r["id"] for r in pred["images"] if "skipped" in r] == ["broken.png"]
+    assert main(["seg", "predict", str(imgs), "--head", str(run), "--out", str(out), *model]) == 2  # --overwrite
+
+
+@pytest.mark.parametrize("round_to_patch", [True, False])
+def test_resize_caps_the_long_side_of_a_strip(round_to_patch):
+    """A 1 x 5000 px image once became 448 x 2,240,000 px (seg predict ran for minutes)."""
+    r = Resize(448, 14, round_to_patch=round_to_patch)
+    h, w = r.size(1, 5000)
+    assert max(h, w) <= 2 * 448 and h >= 1
+    x = r.image(Image.new("RGB", (5000, 1), (9, 9, 9)))
+    assert x.shape[0] == 3 and x.shape[1] * x.shape[2] <= 14 * 896
+    assert r.size(480, 640) == ((448, 602) if round_to_patch else (448, 597))  # ordinary photos: unchanged
 
 
 def test_cli_augmented_linear4_training(synthetic, tmp_path):

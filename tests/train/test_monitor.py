@@ -61,3 +61,19 @@ def test_short_run_advice_names_real_config_keys():
     for key in ("model.layerscale=null", "optim.momentum_teacher=0.98", "optim.final_momentum_teacher=0.996",
                 "loss.teacher_temp=0.04", "loss.warmup_teacher_temp=0.04"):
         assert key in SHORT_RUN_ADVICE
+
+
+def test_loss_plot_has_axis_labels(tmp_path, monkeypatch):
+    import json
+
+    import dinolab.train.monitor as monitor
+
+    rows = [{"iteration": i, "loss": 9.0 - i, "dino": 5.0, "ibot": 4.0, "koleo": -0.1, "log_k": 8.3,
+             "prototypes_in_use": 100.0, "cls_std_x_sqrt_d": 0.9} for i in range(3)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    figs = []
+    monkeypatch.setattr(monitor, "atomic_save_figure", lambda fig, path: figs.append(fig) or path)
+    monitor.plot_losses(tmp_path / "metrics.jsonl", tmp_path / "loss.png")
+    loss_ax, signal_ax = figs[0].axes[:2]
+    assert "loss" in loss_ax.get_ylabel() and signal_ax.get_ylabel()  # was empty
+    assert loss_ax.get_xlabel() == "iteration"

@@ -99,3 +99,12 @@ def test_cli_match_writes_png_and_json(tiny, tmp_path, capsys, one_thread):
     assert set(first) == {"xy1", "xy2", "patch1", "patch2", "similarity"}
     assert 0 <= first["xy1"][0] <= 36 and 0 <= first["xy2"][1] <= 24
     assert Image.open(out).format == "PNG"
+
+
+def test_match_of_a_one_pixel_strip_is_bounded(tiny, one_thread):
+    """A 1 x 5000 px image became 448 x 2,240,000 px in the dense transform (MemoryError at 5 GB)."""
+    _, model = tiny
+    strip = Image.new("RGB", (5000, 1), (200, 30, 30))
+    m = match_patches(model, strip, strip, short_side=448, device="cpu")
+    assert m.grid1 == (1, 2 * 448 // 4)  # one patch tall, the long side capped at 2 x 448 px
+    assert len(m) > 0 and m.size1 == (5000, 1)

@@ -111,3 +111,32 @@ def test_auto_rule_handles_a_centred_majority_foreground():
     x = torch.stack([bg, fg])[labels] + 0.05 * torch.randn(12, 12, D, generator=gen)
     assert (patch_pca([x]).masks[0] == labels.bool().numpy()).all()
     assert (patch_pca([x], foreground="minority").masks[0] == ~labels.bool().numpy()).all()
+
+
+def test_pca_figure_title_names_the_model_and_each_image(tmp_path, monkeypatch):
+    import dinolab.viz.pca as pca_mod
+
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch4", img_size=32, depth=1)
+    for name in ("cat one.png", "dog.jpg"):
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 36, 3), dtype=np.uint8)).save(tmp_path / name)
+    figs = []
+    monkeypatch.setattr(pca_mod, "atomic_save_figure", lambda fig, path: figs.append(fig))
+    pca_figure(model, [tmp_path / "cat one.png", tmp_path / "dog.jpg"], tmp_path / "pca.png", short_side=16,
+               model_name="my_vit_model")
+    fig = figs[0]
+    assert "my_vit_model" in fig._suptitle.get_text()
+    titles = [ax.get_title() for ax in fig.axes]
+    assert "cat one.png" in titles and "dog.jpg" in titles
+
+
+def test_dense_transform_caps_the_long_side_of_a_strip(caplog):
+    """A 1 x 5000 px image must not become 448 x 2,240,000 (MemoryError in pca / match)."""
+    from dinolab.data.transforms import MAX_LONG_SIDE_FACTOR, make_dense_transform
+
+    strip = Image.new("RGB", (5000, 1), (10, 20, 30))
+    with caplog.at_level("INFO", logger="dinolab.data.transforms"):
+        x = make_dense_transform(patch_size=14, short_side=448)(strip)
+    assert x.shape[1:] == (14, MAX_LONG_SIDE_FACTOR * 448)  # one patch tall, long side capped at 896
+    assert "capped" in caplog.text
+    assert make_dense_transform(14, 448)(Image.new("RGB", (640, 480))).shape[1:] == (448, 602)  # no cap: 4:3

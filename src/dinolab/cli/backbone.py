@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from dinolab.cli.common import add_model_args, load_backbone, load_backbone_or_embedded
+from dinolab.cli.common import (add_model_args, add_overwrite_arg, add_progress_arg, load_backbone,
+                                load_backbone_or_embedded, model_options)
 
 log = logging.getLogger("dinolab")
 
@@ -49,7 +50,8 @@ def cmd_embed(args: argparse.Namespace) -> None:
     init_distributed()  # under torchrun: the shards are dealt to the ranks, rank 0 merges
     autocast = {"auto": None, "fp32": False, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     images = args.images[0] if len(args.images) == 1 else args.images  # one folder / list file, or files
-    res = embed(load_backbone(args), images, args.out, model_id=str(args.model),
+    options = {**model_options(args), "precision": args.precision}
+    res = embed(load_backbone(args), images, args.out, model_id=str(args.model), model_key=options,
                 transform=make_classification_transform(args.resize, args.crop), batch_size=args.batch_size,
                 num_workers=args.num_workers, device=args.device, autocast=autocast,
                 pooling=args.pooling.split(","), fmt=args.format, shard_size=args.shard_size,
@@ -65,7 +67,7 @@ def cmd_pca(args: argparse.Namespace) -> None:
     model, short_side = load_backbone_or_embedded(args)
     out = pca_figure(model, images, args.out, short_side=short_side, threshold=args.threshold,
                      foreground=args.foreground, show_mask=not args.no_mask,
-                     device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+                     device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), model_name=str(args.model))
     print(f"wrote {out}")
 
 
@@ -75,8 +77,6 @@ def cmd_convert(args: argparse.Namespace) -> None:
     model = load_backbone(args)
     out = save_hf_folder(model, args.out) if args.to == "hf" else save_official(model, args.out)
     print(f"wrote {out}")
-
-
 
 
 def add_parsers(sub) -> None:
@@ -104,8 +104,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--resize", type=int, default=256, help="short side before the centre crop (default 256)")
     p.add_argument("--crop", type=int, default=224, help="centre crop (default 224)")
     p.add_argument("--shard-size", type=int, default=4096, help="images per resumable shard")
-    p.add_argument("--overwrite", action="store_true", help="start over in a non-empty --out")
-    p.add_argument("--no-progress", action="store_true")
+    add_overwrite_arg(p, help="start over in a non-empty --out (default: resume the run there, refused when "
+                      "the model, weights or options differ)")
+    add_progress_arg(p)
     add_model_args(p)
     p.set_defaults(func=cmd_embed)
 

@@ -6,7 +6,16 @@ import argparse
 import logging
 from pathlib import Path
 
-from dinolab.cli.common import add_model_args, load_backbone
+from dinolab.cli.common import (
+    add_model_args,
+    add_overwrite_arg,
+    add_progress_arg,
+    add_subset_args,
+    check_out_dir,
+    load_backbone,
+    test_subset,
+    train_subset,
+)
 
 log = logging.getLogger("dinolab")
 
@@ -41,14 +50,15 @@ def cmd_seg(args: argparse.Namespace) -> None:
 
     progress = not args.no_progress
     if args.action == "train":
-        train = _seg_dataset(args.train, args)
-        val = _seg_dataset(args.val, args) if args.val else None
+        out = check_out_dir(args.out or Path("runs") / f"seg-{args.head}-{Path(str(args.model)).stem}",
+                            args.overwrite, ("results.json", "head.pth"))
+        train = train_subset(_seg_dataset(args.train, args), args, f"--train {args.train}")
+        val = test_subset(_seg_dataset(args.val, args), args, f"--val {args.val}") if args.val else None
         opts = seg.TrainOptions(head=args.head, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                 weight_decay=args.weight_decay, short_side=args.short_side or 448,
                                 round_to_patch=not args.no_round, augment=args.augment, crop=args.train_crop,
                                 class_weights=args.class_weights, seed=args.seed, num_workers=args.num_workers,
                                 cache_dtype=args.cache_dtype)
-        out = args.out or Path("runs") / f"seg-{args.head}-{Path(str(args.model)).stem}"
         res = seg.run_seg_train(load_backbone(args), train, val, opts, inference=_seg_inference(args, Inference()),
                                 model_id=str(args.model), out_dir=out, device=args.device, progress=progress)
         print(seg.format_table(res))
@@ -60,16 +70,20 @@ def cmd_seg(args: argparse.Namespace) -> None:
     short = args.short_side or ckpt.settings.get("short_side")
     rounded = ckpt.settings.get("round_to_patch", True) and not args.no_round
     if args.action == "eval":
-        out = args.out or Path("runs") / f"seg-eval-{Path(str(args.head)).stem}"
-        res = seg.run_seg_eval(load_backbone(args), ckpt, _seg_dataset(args.data, args), inference=inference,
+        out = check_out_dir(args.out or Path("runs") / f"seg-eval-{Path(str(args.head)).stem}", args.overwrite)
+        data = test_subset(_seg_dataset(args.data, args), args, f"--data {args.data}")
+        res = seg.run_seg_eval(load_backbone(args), ckpt, data, inference=inference,
                                short_side=short, round_to_patch=rounded, model_id=str(args.model), out_dir=out,
                                device=args.device, progress=progress)
         print(seg.format_table(res))
         print(f"results: {out / 'results.json'}")
     else:
+        check_out_dir(args.out, args.overwrite, ("predictions.json",))
         images = args.images[0] if len(args.images) == 1 else args.images
-        recs = seg.run_seg_predict(load_backbone(args), ckpt, images, args.out, inference=inference, short_side=short,
-                                   round_to_patch=rounded, alpha=args.alpha, device=args.device, progress=progress)
+        from dinolab.eval.segmentation_predict import run_seg_predict
+
+        recs = run_seg_predict(load_backbone(args), ckpt, images, args.out, inference=inference, short_side=short,
+                               round_to_patch=rounded, alpha=args.alpha, device=args.device, progress=progress)
         done = sum("overlay" in r for r in recs)
         print(f"wrote {done} overlays to {args.out} ({len(recs) - done} skipped); see predictions.json")
 
@@ -95,7 +109,6 @@ def _add_seg_parser(sub) -> None:
                    "default: backbone features computed once and cached")
     t.add_argument("--train-crop", type=int, help="crop side with --augment (default: the short side)")
     t.add_argument("--class-weights", help="loss weights: 'median-freq' or one comma-separated value per class")
-    t.add_argument("--seed", type=int, default=0)
     t.add_argument("--num-workers", type=int, default=0, help="decoding processes with --augment")
     t.add_argument("--cache-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="storage of cached features (float16 halves the memory)")
@@ -120,8 +133,10 @@ def _add_seg_parser(sub) -> None:
         g.add_argument("--scales", type=float, nargs="+", help="test-time scale ratios, e.g. 1.0 1.32 1.73")
         g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help="horizontal-flip TTA")
         g.add_argument("--ms", action="store_true", help="the official +ms test: scales 1.0 1.32 1.73 2.28 3.0 + flip")
-        g.add_argument("--no-progress", action="store_true")
+        add_progress_arg(q)
+        add_overwrite_arg(q)
         if q is not r:
+            add_subset_args(q)
             d = q.add_argument_group("dataset options (folders; named datasets fix their own)")
             d.add_argument("--classes", help="class names: comma list, .txt (one per line) or .json (classes, "
                            "palette, mask_format index|rgb, ignore_colors)")
@@ -167,13 +182,15 @@ def _depth_head(args: argparse.Namespace):
 
 def cmd_depth(args: argparse.Namespace) -> None:
     from dinolab.eval import depth
+    from dinolab.eval.depth_predict import format_depth_table
 
     progress = not args.no_progress
     common = {"short_side": args.short_side, "unpad": args.unpad, "device": args.device, "progress": progress}
     if args.action == "train":
-        train = _depth_dataset(args.train, args)
-        val = _depth_dataset(args.val, args) if args.val else None
-        out = args.out or Path("runs") / f"depth-{args.head}-{Path(str(args.model)).stem}"
+        out = check_out_dir(args.out or Path("runs") / f"depth-{args.head}-{Path(str(args.model)).stem}",
+                            args.overwrite, ("results.json", "head.pth"))
+        train = train_subset(_depth_dataset(args.train, args), args, f"--train {args.train}")
+        val = test_subset(_depth_dataset(args.val, args), args, f"--val {args.val}") if args.val else None
         settings = {"n_bins": args.n_bins, "bins": args.bins, "norm_strategy": args.norm_strategy,
                     "final_norm": args.final_norm}
         if args.head == "dpt":
@@ -183,23 +200,28 @@ def cmd_depth(args: argparse.Namespace) -> None:
             weight_decay=args.weight_decay, grad_loss=args.grad_loss, augment=args.augment,
             crop_fraction=args.crop_fraction, seed=args.seed, out_dir=out, save_png=args.save_png,
             model_id=str(args.model), **common, **settings)
-        print(depth.format_depth_table(res))
+        print(format_depth_table(res))
         print(f"head: {out / 'head.pth'}  results: {out / 'results.json'}")
         return
+    out = args.out or Path("runs") / f"depth-eval-{Path(str(args.head)).stem}"
+    check_out_dir(out, args.overwrite, ("results.json",) if args.action == "eval" else ("predictions.json",))
     model, loaded = _depth_head(args)
     if args.action == "eval":
-        out = args.out or Path("runs") / f"depth-eval-{Path(str(args.head)).stem}"
-        res = depth.evaluate_depth(model, loaded, _depth_dataset(args.data, args), flip_tta=args.flip_tta,
+        data = test_subset(_depth_dataset(args.data, args), args, f"--data {args.data}")
+        res = depth.evaluate_depth(model, loaded, data, flip_tta=args.flip_tta,
                                    out_dir=out, save_png=args.save_png, model_id=str(args.model),
                                    head_id=str(args.head), **common)
-        print(depth.format_depth_table(res))
+        print(format_depth_table(res))
         print(f"results: {out / 'results.json'}")
     else:
-        from dinolab.data.images import list_images
+        from dinolab.eval.depth_predict import predict_images
 
-        images = [p for src in args.images for p in list_images(src)]
-        rows = depth.predict_images(model, loaded, images, args.out, flip_tta=args.flip_tta, **common)
-        print(f"wrote {len(rows)} depth maps (PNG + float32 metres .npy) to {args.out}")
+        images = args.images[0] if len(args.images) == 1 else args.images
+        rows = predict_images(model, loaded, images, args.out, flip_tta=args.flip_tta, head_id=str(args.head),
+                              **common)
+        done = sum("png" in r for r in rows)
+        print(f"wrote {done} depth maps (PNG + float32 metres .npy) to {args.out} ({len(rows) - done} skipped); "
+              "see predictions.json")
 
 
 def _add_depth_parser(sub) -> None:
@@ -229,7 +251,6 @@ def _add_depth_parser(sub) -> None:
                    help="bin weights: linear = (relu + 0.1) / sum (official), softmax, sigmoid")
     t.add_argument("--dpt-channels", type=int, default=256, help="DPT fusion width (official 256)")
     t.add_argument("--final-norm", action="store_true", help="use tokens after the final LayerNorm (official: before)")
-    t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", type=Path, help="run folder (default runs/depth-<head>-<model>)")
     e = dsub.add_parser("eval", help="RMSE, AbsRel, log10, delta<1.25^k of a head on a data set")
     e.add_argument("--head", required=True, help="run folder, head.pth, or an official name (dinov2_vits14_nyu_dpt)")
@@ -244,8 +265,10 @@ def _add_depth_parser(sub) -> None:
                        "centre-padded to the patch size)")
         q.add_argument("--unpad", default="crop", choices=["crop", "stretch"], help="crop: cut the padding off the "
                        "prediction (aligned); stretch: resize it away as the official code does")
-        q.add_argument("--no-progress", action="store_true")
+        add_progress_arg(q)
+        add_overwrite_arg(q)
         if q is not r:
+            add_subset_args(q)
             g = q.add_argument_group("depth range and crop (named data sets bring their own: NYU 10 m + Eigen, "
                                      "KITTI 80 m + Garg, 7-Scenes 10 m)")
             g.add_argument("--min-depth", type=float, help="valid ground truth from (m, default 0.001)")

@@ -7,24 +7,32 @@ import json
 import logging
 from pathlib import Path
 
-from dinolab.cli.common import add_model_args, load_backbone
+from dinolab.cli.common import (
+    add_model_args,
+    add_overwrite_arg,
+    add_progress_arg,
+    add_subset_args,
+    check_out_dir,
+    load_backbone,
+    test_subset,
+    train_subset,
+)
 
 log = logging.getLogger("dinolab")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from dinolab.data.datasets import few_shot, resolve_dataset
+    from dinolab.data.datasets import resolve_dataset
     from dinolab.distributed import get_rank, init_distributed
     from dinolab.eval import jobs
 
     init_distributed()  # under torchrun: feature extraction is sharded across ranks (kNN, logreg)
-    train, test = resolve_dataset(args.train), resolve_dataset(args.test)
-    if args.few_shot:
-        train = few_shot(train, args.few_shot, seed=args.seed)
-    out = args.out or Path("runs") / f"eval-{args.task}-{Path(str(args.model)).stem}"
+    out = check_out_dir(args.out or Path("runs") / f"eval-{args.task}-{Path(str(args.model)).stem}", args.overwrite)
+    train = train_subset(resolve_dataset(args.train), args, f"--train {args.train}")
+    test = test_subset(resolve_dataset(args.test), args, f"--test {args.test}")
     common = {"model_id": str(args.model), "out_dir": out}
     feat = {"resize": args.resize, "crop": args.crop, "batch_size": args.batch_size, "device": args.device,
-                "num_workers": args.num_workers}
+            "num_workers": args.num_workers, "progress": not args.no_progress}
     if args.task == "knn":
         res = jobs.run_knn(load_backbone(args), train, test, ks=tuple(args.ks), temperature=args.temperature,
                            **feat, **common)
@@ -49,8 +57,6 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(json.dumps(res, indent=1, default=str))
 
 
-
-
 def add_parsers(sub) -> None:
     p = sub.add_parser("eval", help="frozen-feature classification: knn, linear probe, logistic regression")
     esub = p.add_subparsers(dest="task", required=True, metavar="task")
@@ -63,13 +69,11 @@ def add_parsers(sub) -> None:
                        "cifar10:train")
         e.add_argument("--test", required=True, help="same forms as --train, e.g. cifar10:test")
         e.add_argument("--out", type=Path, help="run folder (default runs/eval-<task>-<model>)")
-        e.add_argument("--few-shot", type=int, help="use only N training images per class")
         e.add_argument("--resize", type=int, default=256, help="short side before the centre crop (256; "
                        "use 32 for CIFAR-size models)")
         e.add_argument("--crop", type=int, default=224, help="centre crop (224; 32 for CIFAR-size models)")
         e.add_argument("--batch-size", type=int, default=256)
         e.add_argument("--num-workers", type=int, default=0, help="decoding processes")
-        e.add_argument("--seed", type=int, default=0)
         if task == "knn":
             e.add_argument("--ks", type=int, nargs="+", default=[10, 20, 100, 200])
             e.add_argument("--temperature", type=float, default=0.07)
@@ -80,6 +84,9 @@ def add_parsers(sub) -> None:
             e.add_argument("--epochs", type=int, default=10)
             e.add_argument("--no-augment", action="store_true", help="no random-resized-crop/flip: "
                            "backbone features are computed once and cached (fast)")
+        add_subset_args(e, few_shot=True)
+        add_progress_arg(e)
+        add_overwrite_arg(e)
         add_model_args(e)
         e.set_defaults(func=cmd_eval)
 
@@ -96,7 +103,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--eval-train", help="labelled kNN bank for periodic evaluation, e.g. cifar10:train")
     p.add_argument("--eval-test", help="labelled kNN queries, e.g. cifar10:test (every train.eval_every its)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--no-progress", action="store_true")
+    add_progress_arg(p)
     p.add_argument("--force", action="store_true", help="resume even though the config or --data differ from the "
                    "checkpoint's (the changes are recorded in resumes.jsonl; without it they are refused)")
     p.set_defaults(func=cmd_train)

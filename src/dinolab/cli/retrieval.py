@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from dinolab.cli.common import add_model_args, load_backbone
+from dinolab.cli.common import add_model_args, add_overwrite_arg, add_progress_arg, check_out_dir, load_backbone
 from dinolab.errors import DinolabError
 
 log = logging.getLogger("dinolab")
@@ -20,6 +20,7 @@ def cmd_index(args: argparse.Namespace) -> None:
     if args.action == "build":
         kw = {k: v for k, v in (("nlist", args.nlist), ("nprobe", args.nprobe), ("hnsw_m", args.hnsw_m),
                                 ("ef_search", args.ef_search), ("pq_m", args.pq_m)) if v is not None}
+        check_out_dir(args.out, args.overwrite, ("meta.json",))
         index = retrieval.build_index(args.embeddings, args.out, key=args.key, kind=args.kind, **kw)
         print(f"indexed {len(index)} images into {args.out} ({index.kind})")
         return
@@ -27,11 +28,12 @@ def cmd_index(args: argparse.Namespace) -> None:
         from dinolab.curate.revisited import SETTINGS, evaluate_revisited
         from dinolab.io import atomic_write_json
 
+        out = check_out_dir(args.out or Path("runs") / f"revisited-{args.dataset}-{Path(str(args.model)).stem}",
+                            args.overwrite)
         res = evaluate_revisited(load_backbone(args), args.root, args.dataset, resize=args.resize,
                                  crop=args.crop or None, batch_size=args.batch_size, device=args.device,
                                  num_workers=args.num_workers, progress=not args.no_progress)
         res["model"] = str(args.model)
-        out = args.out or Path("runs") / f"revisited-{args.dataset}-{Path(str(args.model)).stem}"
         atomic_write_json(Path(out) / "results.json", res)
         for s in SETTINGS:
             print(f"{args.dataset} {s:6s} mAP {100 * res[s]['mAP']:6.2f}  mP@10 {100 * res[s]['mP@10']:6.2f}")
@@ -53,12 +55,15 @@ def cmd_index(args: argparse.Namespace) -> None:
     if search_kw and index.kind == "exact":
         raise DinolabError("--nprobe / --ef-search apply to faiss indexes; this index is exact")
     results = retrieval.search(index, k=args.k, model=model, images=images, ids=args.id, device=args.device,
-                               resize=args.resize, crop=args.crop, **search_kw)
+                               resize=args.resize, crop=args.crop, progress=False if args.no_progress else None,
+                               **search_kw)
     retrieval.save_results(results, args.out)
     if args.sheet:
         retrieval.contact_sheet(results, args.images_root or index.info.get("id_root"), args.sheet)
+    skipped = sum("skipped" in r for r in results)
     print(json.dumps(results[:3], indent=1) + (f"\n... ({len(results)} queries)" if len(results) > 3 else ""))
-    print(f"results: {args.out}" + (f", sheet: {args.sheet}" if args.sheet else ""))
+    print(f"results: {args.out}" + (f", sheet: {args.sheet}" if args.sheet else "")
+          + (f" ({skipped} unreadable query images skipped, listed there)" if skipped else ""))
 
 
 def _add_index_parser(sub) -> None:
@@ -79,6 +84,7 @@ def _add_index_parser(sub) -> None:
     b.add_argument("--hnsw-m", type=int, help="HNSW links per node (32)")
     b.add_argument("--ef-search", type=int, help="HNSW candidates per query, stored as the default (128)")
     b.add_argument("--pq-m", type=int, help="PQ bytes per vector (default: largest divisor of D <= D/4)")
+    add_overwrite_arg(b)
     b.set_defaults(func=cmd_index)
     q = isub.add_parser("search", help="nearest indexed images of query images (--image/--images) or ids (--id)")
     q.add_argument("--index", type=Path, required=True)
@@ -95,6 +101,7 @@ def _add_index_parser(sub) -> None:
     q.add_argument("--sheet", type=Path, help="also write a contact-sheet PNG (query + neighbours)")
     q.add_argument("--images-root", type=Path, help="folder the indexed ids are relative to (for --sheet; default: "
                    "recorded by dinolab embed)")
+    add_progress_arg(q)
     add_model_args(q, default=None)
     q.set_defaults(func=cmd_index)
     r = isub.add_parser("revisited", help="revisited Oxford / Paris mAP (easy, medium, hard)",
@@ -109,7 +116,8 @@ def _add_index_parser(sub) -> None:
     r.add_argument("--batch-size", type=int, default=32)
     r.add_argument("--num-workers", type=int, default=0)
     r.add_argument("--out", type=Path, help="run folder (default runs/revisited-<dataset>-<model>)")
-    r.add_argument("--no-progress", action="store_true")
+    add_progress_arg(r)
+    add_overwrite_arg(r)
     add_model_args(r)
     r.set_defaults(func=cmd_index)
 
@@ -166,7 +174,7 @@ def _add_curate_parser(sub) -> None:
         c.add_argument("--seeds", help="embed folder of seed images (select)")
         c.add_argument("--n", type=int, help="images to keep (sample)")
         c.add_argument("--seed", type=int, help="random seed (default 0)")
-        c.add_argument("--no-progress", action="store_true")
+        add_progress_arg(c)
         if stage == "run":
             c.add_argument("--images", help="images to embed first (folder or .txt list) instead of --embeddings")
             add_model_args(c)

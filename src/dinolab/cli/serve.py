@@ -72,7 +72,7 @@ def _add_serve_parser(sub) -> None:
                    "besides localhost, 127.0.0.1, ::1 and --host (e.g. myhost.lan,192.168.1.5; '*.lan'; '*': any)")
     p.add_argument("--allowed-origins", action="append", metavar="ORIGINS", help="comma list of other sites "
                    "(https://app.example.com) whose pages may POST to the API ('*': any; default: none)")
-    add_model_args(p, default=None)
+    add_model_args(p, default=None, seed=False)
     p.set_defaults(func=cmd_serve)
 
 

@@ -9,10 +9,14 @@ merges the shards into final files and removes them. Output folder of ``embed``:
     ids.txt        one id per line, same row order as the arrays
     skipped.txt    "<id>\\t<reason>" per image that could not be decoded
     meta.json      model, dims, counts, pooling, transform, version, time (written last: the run is done)
-    run.json       the settings that a resumed run must match
+    run.json       the settings that a resumed run must match: model id and options, a SHA-256 of the
+                   weights, pooling, transform, precision, shard size and the image list
     shards/        per-shard features (.npz) and ids (.json) while the run is in progress
 
-Every input id appears in exactly one of ids.txt and skipped.txt. ``meta.json`` also records
+Every input id appears in exactly one of ids.txt and skipped.txt. ``transform`` is a dict
+(``resize``, ``crop``, ``interpolation``, ``mean``, ``std`` and the ``steps``; see
+``dinolab.data.transforms.describe_transform``); older folders hold its repr text, which readers still
+accept. A model whose weights or features are not finite (NaN / inf) is refused. ``meta.json`` also records
 ``id_root``, the folder the ids are relative to (the image folder, the list file's folder, or the
 working directory for image paths given one by one), so later stages can find the files.
 
@@ -25,11 +29,11 @@ The output folder must be visible to all ranks (one node, or a shared file syste
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from collections import defaultdict
@@ -43,7 +47,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from dinolab.data.images import Batch, ImageListDataset, ImageSource, list_images_with_ids
-from dinolab.data.transforms import make_classification_transform
+from dinolab.data.transforms import describe_transform, make_classification_transform
 from dinolab.distributed import all_gather_objects, barrier, get_rank, get_world_size, is_distributed
 from dinolab.errors import DinolabError
 from dinolab.eval.features import (
@@ -58,7 +62,7 @@ from dinolab.eval.features import (
     _log_skipped,
     _precision,
 )
-from dinolab.io import atomic_write, atomic_write_text
+from dinolab.io import atomic_write, atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -80,14 +84,34 @@ def _read_text(path: Path) -> str:
     return path.read_text(encoding="utf-8", errors="surrogateescape")
 
 
+def weights_sha256(model: nn.Module) -> str:
+    """SHA-256 of a model's weights: every state-dict entry's name, dtype, shape and bytes, in order."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_finite_weights(model: nn.Module, model_id: str) -> None:
+    """Refuse a model with NaN / inf weights (its features would all be NaN)."""
+    bad = next((n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()),
+               None)
+    if bad is not None:
+        raise DinolabError(f"model {model_id} has non-finite weights (NaN or inf) in {bad}: the checkpoint is "
+                           "broken (a diverged training run?); embed with another one")
+
+
 def _run_settings(model_id: str, keys: Sequence[str], transform: Transform, shard_size: int,
-                  dtype: torch.dtype | None, ids: list[str]) -> dict:
+                  dtype: torch.dtype | None, ids: list[str], model: nn.Module, model_key: dict | None) -> dict:
     """What a resumed run must share with the run that wrote the shards."""
     digest = hashlib.sha256("\n".join(ids).encode("utf-8", errors="surrogateescape")).hexdigest()
     return {
-        "model_id": model_id, "pooling": list(keys), "shard_size": shard_size, "inputs": len(ids),
+        "model_id": model_id, "model_options": dict(model_key or {}), "weights_sha256": weights_sha256(model),
+        "pooling": list(keys), "shard_size": shard_size, "inputs": len(ids),
         "ids_sha256": digest, "autocast": str(dtype).removeprefix("torch.") if dtype else None,
-        "transform": re.sub(r" at 0x[0-9a-fA-F]+", "", repr(transform)),  # no addresses: stable across runs
+        "transform": describe_transform(transform),
     }
 
 
@@ -106,15 +130,15 @@ def _prepare_out_dir(out: Path, run: dict, overwrite: bool) -> bool:
         if any(out.iterdir()) and not overwrite:
             raise DinolabError(f"output folder {out} is not empty and holds no embed run; use a new folder "
                                "or --overwrite")
-        atomic_write_text(out / "run.json", json.dumps(run, indent=1))
+        atomic_write_json(out / "run.json", run)
         return False
-    old = json.loads(_read_text(out / "run.json"))
+    old = _read_json(out / "run.json")
     if old != run:
         diff = sorted(k for k in run.keys() | old.keys() if run.get(k) != old.get(k))
-        raise DinolabError(f"{out} holds an embed run with other settings or images ({', '.join(diff)} "
-                           "differ); use a new output folder or --overwrite")
+        raise DinolabError(f"{out} holds an embed run with another model, settings or images ({', '.join(diff)} "
+                           "differ): resuming would mix them; use a new output folder or --overwrite")
     meta = out / "meta.json"
-    if meta.exists() and all((out / f).exists() for f in json.loads(_read_text(meta))["files"]):
+    if meta.exists() and all((out / f).exists() for f in _read_json(meta)["files"]):
         return True
     meta.unlink(missing_ok=True)
     return False
@@ -134,7 +158,12 @@ def _write_shard(out: Path, k: int, inputs: list[str], ok: list[str], skipped: l
     """Features first, then the id file, which marks the shard complete."""
     atomic_write(out / "shards" / f"{k:05d}.npz", lambda f: np.savez(f, **arrays))
     marker = {"inputs": inputs, "ok": ok, "skipped": skipped}
-    atomic_write_text(out / "shards" / f"{k:05d}.json", json.dumps(marker))
+    atomic_write_json(out / "shards" / f"{k:05d}.json", marker)
+
+
+def _finite_rows(v: Tensor) -> list[bool]:
+    """Per row of (B, ...) features: all values finite."""
+    return torch.isfinite(v.reshape(len(v), -1)).all(dim=1).tolist()
 
 
 class _ShardBuffer:
@@ -144,7 +173,12 @@ class _ShardBuffer:
         self.empty, self.ok, self.skipped, self.seen = empty, [], [], 0
         self.rows: dict[str, list[Tensor]] = defaultdict(list)
 
-    def add(self, batch: Batch, feats: dict[str, Tensor], ids: list[str]) -> None:
+    def add(self, batch: Batch, feats: dict[str, Tensor], ids: list[str], model_id: str) -> None:
+        bad = [ids[i] for k, v in feats.items() for i, ok in zip(batch.indices, _finite_rows(v)) if not ok]
+        if bad:
+            raise DinolabError(f"model {model_id} gives non-finite features (NaN or inf) for {len(bad)} image(s), "
+                               f"e.g. {', '.join(bad[:3])}: broken weights, or an overflow under --precision fp16 "
+                               "(try fp32 / bf16)")
         self.ok += [ids[i] for i in batch.indices]
         self.skipped += [[ids[i], reason] for i, reason in batch.skipped]
         self.seen += len(batch.indices) + len(batch.skipped)
@@ -158,7 +192,7 @@ class _ShardBuffer:
 def _compute_shards(
     model: nn.Module, dataset: ImageListDataset, ids: list[str], todo: list[int], out: Path, *,
     shard_size: int, batch_size: int, num_workers: int, device: torch.device, dtype: torch.dtype | None,
-    keys: Sequence[str], progress: bool,
+    keys: Sequence[str], progress: bool, model_id: str,
 ) -> None:
     """Run the shards in ``todo``, writing each one as soon as its last batch is done."""
     spans = {k: range(k * shard_size, min((k + 1) * shard_size, len(ids))) for k in todo}
@@ -170,7 +204,7 @@ def _compute_shards(
     with _frozen(model.to(device)), tqdm(total=total, disable=not show, unit="img", desc="embed") as bar:
         loader = _loader(dataset, batches, num_workers, device)
         for batch, feats in _forward_batches(model, loader, device=device, dtype=dtype, keys=keys, bar=bar):
-            buf.add(batch, feats, ids)
+            buf.add(batch, feats, ids, model_id)
             k = (batch.indices or [batch.skipped[0][0]])[0] // shard_size
             if buf.seen == len(spans[k]):
                 _write_shard(out, k, [ids[i] for i in spans[k]], buf.ok, buf.skipped, buf.arrays())
@@ -185,9 +219,19 @@ def _shard_blocks(out: Path, n_shards: int, key: str) -> Iterator[np.ndarray]:
 
 
 def _save_npy(path: Path, shape: tuple[int, ...], blocks: Iterator[np.ndarray]) -> None:
-    """Stream ``blocks`` into a memory-mapped .npy (no second copy in RAM), then rename into place."""
+    """Stream ``blocks`` into a memory-mapped .npy (no second copy in RAM), then rename into place.
+    The file's blocks are reserved first, so a full disk raises ``OSError`` (ENOSPC) here instead of
+    killing the process with SIGBUS when a write through the memory map finds no space."""
     tmp = path.with_name(path.name + ".tmp")
     arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+    try:
+        with open(tmp, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # a file system that cannot: go on
+            del arr
+            tmp.unlink(missing_ok=True)
+            raise OSError(e.errno, e.strerror, str(path)) from None
     start = 0
     for block in blocks:
         arr[start:start + len(block)] = block
@@ -267,16 +311,21 @@ def embed(
     shard_size: int = 4096,
     overwrite: bool = False,
     progress: bool = True,
+    model_key: dict | None = None,
 ) -> EmbedResult:
     """Embed ``images`` (folder, ``.txt`` list file or list of paths) into ``out_dir`` (layout in the
     module docstring); resumable: re-running the same call skips the shards already written.
 
-    ``model_id`` is recorded in meta.json (e.g. the name or path given to ``load_model``).
+    ``model_id`` is recorded in meta.json (e.g. the name or path given to ``load_model``);
+    ``model_key`` (the options that chose the weights) and a SHA-256 of the weights join the run key,
+    so a resumed run with another model, checkpoint content or options is refused.
     ``num_workers`` None = min(8, CPU count). ``fmt`` is "npy" or "safetensors". ``overwrite``
     deletes an earlier run's files in ``out_dir`` first. Other arguments as ``extract_features``.
-    Raises ``DinolabError`` if ``out_dir`` holds a run with other images or settings.
+    Raises ``DinolabError`` if ``out_dir`` holds a run with other images, weights or settings, or
+    if the weights or features are not finite.
     """
     keys = _check_pooling(model, pooling)
+    check_finite_weights(model, model_id)
     if fmt not in FORMATS or shard_size < 1 or batch_size < 1:
         raise DinolabError(f"need fmt in {FORMATS}, shard_size >= 1, batch_size >= 1 (got {fmt!r}, "
                            f"{shard_size}, {batch_size})")
@@ -285,7 +334,7 @@ def embed(
     transform = transform or make_classification_transform()
     device, dtype = _precision(device, autocast)
     out = Path(out_dir)
-    run = _run_settings(model_id, keys, transform, shard_size, dtype, ids)
+    run = _run_settings(model_id, keys, transform, shard_size, dtype, ids, model, model_key)
     n_shards = -(-len(ids) // shard_size)
     if _on_rank0(_prepare_out_dir, out, run, overwrite):
         logger.info("%s already holds this finished embed run; nothing to do", out)
@@ -297,7 +346,7 @@ def embed(
     mine = todo[get_rank()::get_world_size()] if is_distributed() else todo
     _compute_shards(model, ImageListDataset(paths, transform), ids, mine, out, shard_size=shard_size,
                     batch_size=batch_size, num_workers=workers, device=device, dtype=dtype, keys=keys,
-                    progress=progress)
+                    progress=progress, model_id=model_id)
     barrier()  # every shard is on disk
     _on_rank0(_finish, out, n_shards, keys, fmt, run, len(ids), _id_root(images))
     return _result(out, n_shards - len(todo), len(todo))
@@ -314,7 +363,7 @@ def _finish(out: Path, n_shards: int, keys: Sequence[str], fmt: str, run: dict, 
     meta = {**run, "format": fmt, "files": files, "count": len(ok), "skipped": len(skipped),
             "dims": {k: list(s) for k, s in shapes.items()}, "id_root": id_root, "dinolab_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    atomic_write_text(out / "meta.json", json.dumps(meta, indent=1))  # last: marks the run finished
+    atomic_write_json(out / "meta.json", meta)  # last: marks the run finished
     shutil.rmtree(out / "shards", ignore_errors=True)
     _log_skipped(skipped, n_inputs)
     logger.info("embedded %d images into %s (%d skipped, listed in skipped.txt)", len(ok), out, len(skipped))
@@ -348,19 +397,34 @@ def load_embedded(
     return ids, arrays[key], meta
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(_read_text(path))
+    except (ValueError, UnicodeError) as e:
+        raise DinolabError(f"{path} is not valid JSON ({e}): the embed folder is damaged; re-run dinolab embed "
+                           "with --overwrite") from None
+
+
 def read_embed_folder(out_dir: str | os.PathLike, mmap: bool = False) -> tuple[list[str], dict[str, np.ndarray], dict]:
-    """``load_embeddings`` plus the folder's meta.json: (ids, arrays, meta)."""
+    """``load_embeddings`` plus the folder's meta.json: (ids, arrays, meta). A damaged file raises
+    ``DinolabError`` naming it."""
     out = Path(out_dir)
     if not (out / "meta.json").exists():
         raise DinolabError(f"{out} holds no finished embed run (no meta.json); run or resume dinolab embed")
-    meta = json.loads(_read_text(out / "meta.json"))
+    meta = _read_json(out / "meta.json")
     ids = _read_text(out / "ids.txt").splitlines()
-    if meta["format"] == "safetensors":
-        from safetensors.numpy import load_file
+    fmt = meta.get("format")
+    files = [out / "features.safetensors"] if fmt == "safetensors" else [out / f"{k}.npy" for k in meta["pooling"]]
+    try:
+        if fmt == "safetensors":
+            from safetensors.numpy import load_file
 
-        arrays = load_file(str(out / "features.safetensors"))
-    else:
-        arrays = {k: np.load(out / f"{k}.npy", mmap_mode="r" if mmap else None) for k in meta["pooling"]}
+            arrays = load_file(str(files[0]))
+        else:
+            arrays = {k: np.load(f, mmap_mode="r" if mmap else None) for k, f in zip(meta["pooling"], files)}
+    except Exception as e:  # noqa: BLE001  (truncated / corrupt arrays: SafetensorError, ValueError, OSError ...)
+        raise DinolabError(f"cannot read the features in {', '.join(map(str, files))}: {' '.join(str(e).split())}; "
+                           "re-run dinolab embed with --overwrite") from e
     if any(len(a) != len(ids) for a in arrays.values()):
         raise DinolabError(f"{out}: arrays and ids.txt disagree in length; "
                            "re-run dinolab embed with --overwrite")

@@ -42,6 +42,7 @@ from PIL import Image
 from dinolab.data.datasets import TAR_SUFFIXES, _extract_once, _has_suffix, find_shared_data
 from dinolab.data.images import IMAGE_EXTENSIONS, BadImageError, load_rgb
 from dinolab.errors import DinolabError
+from dinolab.viz.overlay import distinct_palette
 
 logger = logging.getLogger(__name__)
 
@@ -350,7 +351,7 @@ def load_segmentation_folder(
                         root, n, n - 1)
     elif num_classes is not None and num_classes != len(classes):
         raise SegmentationError(f"{len(classes)} class names given but num_classes is {num_classes}")
-    pal = [_colour(c, str(root)) for c in palette] if palette is not None else voc_palette(len(classes) + 1)[1:]
+    pal = [_colour(c, str(root)) for c in palette] if palette is not None else distinct_palette(len(classes))
     return SegmentationDataset(images=[str(found[i]) for i in ids], masks=[str(m) for m in masks], ids=ids,
                                classes=list(classes), palette=pal, ignore_index=ignore_index,
                                reduce_zero_label=reduce_zero_label, colours=colours, name=name or str(root))

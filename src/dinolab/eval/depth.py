@@ -1,4 +1,5 @@
-"""Monocular depth on frozen features: the train / eval / predict jobs behind ``dinolab depth``.
+"""Monocular depth on frozen features: the train / eval jobs behind ``dinolab depth`` (``predict``:
+``dinolab.eval.depth_predict``).
 
 Pipeline of one image (``prepare_image`` -> backbone -> head -> ``to_depth_map``):
 
@@ -44,7 +45,6 @@ from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from dinolab.data.depth import DepthDataset, DepthSample
-from dinolab.data.images import load_rgb
 from dinolab.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from dinolab.errors import DinolabError
 from dinolab.eval.depth_heads import (
@@ -56,13 +56,12 @@ from dinolab.eval.depth_heads import (
 )
 from dinolab.eval.features import _precision
 from dinolab.eval.metrics import depth_metrics, mean_depth_metrics
-from dinolab.io import atomic_save_figure, atomic_write, atomic_write_json
+from dinolab.io import atomic_write_json, json_safe
 from dinolab.losses.depth import GradientLoss, SigLoss
 
 log = logging.getLogger(__name__)
 
 UNPAD_MODES = ("crop", "stretch")
-HEADLINE = ("rmse", "abs_rel", "log10", "delta1", "delta2", "delta3")
 _normalize = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
                          v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
@@ -424,7 +423,7 @@ def train_depth_head(
             row = {"epoch": epoch, "step": trainer.step, "loss": float(np.mean(losses)),
                    "lr": lr_at(trainer.step - 1, trainer.total, lr)}
             if val_items is not None:
-                row["val"] = _evaluate_cached(net, cfg, val_items, val, dev, unpad)[0]
+                row["val"] = json_safe(_evaluate_cached(net, cfg, val_items, val, dev, unpad)[0])
             history.append(row)
             if out is not None:
                 with (out / "metrics.jsonl").open("a") as f:
@@ -435,19 +434,28 @@ def train_depth_head(
     res["history"] = history
     res["wall_s"] = time.perf_counter() - t0
     if val_items is not None:
-        res["val_metrics"], res["val_per_image"] = _evaluate_cached(net, cfg, val_items, val, dev, unpad)
+        res["val_metrics"], res["val_per_image"] = json_safe(_evaluate_cached(net, cfg, val_items, val, dev, unpad))
         res["headline"] = {"metric": "val rmse (m)", "value": res["val_metrics"]["rmse"]}
     if out is not None:
         res["head_path"] = str(out / "head.pth")
         if val is not None and save_png:
-            _draw_samples(model, net, cfg, val, out / "samples", save_png, short_side, unpad, dev)
+            draw_samples(model, net, cfg, val, out / "samples", save_png, short_side, unpad, dev)
         atomic_write_json(out / "results.json", res)
         log.info("wrote %s", out / "results.json")
     return res, LoadedHead(net.eval(), cfg, {"model": model_id}, model_id)
 
 
+def draw_samples(*args: Any) -> None:
+    """``dinolab.eval.depth_predict.draw_samples`` (imported here late: that module imports this one)."""
+    from dinolab.eval.depth_predict import draw_samples as draw
+
+    draw(*args)
+
+
 def _ds_info(ds: DepthDataset) -> dict:
-    return {"name": ds.name, "n": len(ds), "min_depth": ds.min_depth, "max_depth": ds.max_depth, "crop": ds.crop}
+    """Name, image counts (every listed image is scored: a bad one stops the run), range and crop."""
+    return {"name": ds.name, "n": len(ds), "n_listed": len(ds), "n_scored": len(ds), "n_skipped": 0,
+            "min_depth": ds.min_depth, "max_depth": ds.max_depth, "crop": ds.crop}
 
 
 # ------------------------------------------------------------------------- eval and predict
@@ -470,7 +478,8 @@ def evaluate_depth(model: nn.Module, loaded: LoadedHead, ds: DepthDataset, *, sh
                              flip_tta=flip_tta, device=dev)
         m = depth_metrics(pred, s.depth, min_depth=ds.min_depth, max_depth=ds.max_depth, crop=ds.crop)
         per_image.append({"id": s.id, **m})
-    metrics = mean_depth_metrics([{k: v for k, v in m.items() if k != "id"} for m in per_image])
+    metrics = json_safe(mean_depth_metrics([{k: v for k, v in m.items() if k != "id"} for m in per_image]))
+    per_image = json_safe(per_image)  # null: an image without valid ground truth
     res = {"task": "depth-eval", "model": model_id, "head": head_id, "head_config": loaded.config.to_dict(),
            "dataset": _ds_info(ds), "options": {"short_side": short_side, "unpad": unpad, "flip_tta": flip_tta},
            "metrics": metrics, "per_image": per_image, "wall_s": time.perf_counter() - t0,
@@ -478,83 +487,7 @@ def evaluate_depth(model: nn.Module, loaded: LoadedHead, ds: DepthDataset, *, sh
     if out_dir is not None:
         out = Path(out_dir)
         if save_png:
-            _draw_samples(model, loaded.head, loaded.config, ds, out / "samples", save_png, short_side, unpad, dev)
+            draw_samples(model, loaded.head, loaded.config, ds, out / "samples", save_png, short_side, unpad, dev)
         atomic_write_json(out / "results.json", res)
         log.info("wrote %s", out / "results.json")
     return res
-
-
-def predict_images(model: nn.Module, loaded: LoadedHead, images: Sequence[str | os.PathLike],
-                   out_dir: str | os.PathLike, *, short_side: int | None = None, unpad: str = "crop",
-                   flip_tta: bool = False, device: str | None = None, progress: bool = True) -> list[dict]:
-    """For each image write ``<stem>_depth.png`` (image + colourised depth with a colour bar in metres)
-    and ``<stem>_depth.npy`` (float32 metres) into ``out_dir``; returns one summary per image."""
-    check_backbone(model, loaded.config)
-    dev, _ = _precision(device, None)
-    out = Path(out_dir)
-    rows = []
-    for path in tqdm(list(images), desc="depth predict", unit="img", disable=not progress):
-        image = load_rgb(path)
-        pred = predict_depth(model, loaded.head, loaded.config, image, short_side=short_side, unpad=unpad,
-                             flip_tta=flip_tta, device=dev)
-        stem = Path(path).stem
-        atomic_write(out / f"{stem}_depth.npy", lambda f, a=pred: np.save(f, a.astype(np.float32)))
-        save_depth_figure(out / f"{stem}_depth.png", image, pred, title=stem)
-        rows.append({"image": str(path), "png": str(out / f"{stem}_depth.png"),
-                     "npy": str(out / f"{stem}_depth.npy"), "min_m": float(pred.min()),
-                     "median_m": float(np.median(pred)), "max_m": float(pred.max())})
-    return rows
-
-
-# --------------------------------------------------------------------------------- drawing
-
-
-def save_depth_figure(path: str | os.PathLike, image: Image.Image, pred: np.ndarray, gt: np.ndarray | None = None,
-                      *, title: str | None = None, cmap: str = "magma_r") -> Path:
-    """Image | (ground truth) | prediction, one shared colour scale with a colour bar in metres;
-    invalid ground-truth pixels (0) are grey. Written atomically as PNG."""
-    import matplotlib
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    values = [pred[np.isfinite(pred)]] + ([gt[gt > 0]] if gt is not None else [])
-    lo = float(min(v.min() for v in values if v.size))
-    hi = float(max(v.max() for v in values if v.size))
-    panels = [("image", np.asarray(image))] + ([("ground truth", np.ma.masked_where(gt <= 0, gt))] if gt is not None
-                                               else []) + [("prediction", pred)]
-    aspect = image.width / image.height
-    fig = Figure(figsize=(3.2 * aspect * len(panels) + 1.0, 3.4), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    colormap = matplotlib.colormaps[cmap].with_extremes(bad="0.6")
-    shown = None
-    for ax, (name, data) in zip(axes, panels):
-        if name == "image":
-            ax.imshow(data)
-        else:
-            shown = ax.imshow(data, cmap=colormap, vmin=lo, vmax=max(hi, lo + 1e-6), interpolation="nearest")
-        ax.set_title(name, fontsize=9)
-        ax.set_axis_off()
-    fig.colorbar(shown, ax=list(axes), shrink=0.9, label="depth (m)")
-    if title:
-        fig.suptitle(title, fontsize=9)
-    return atomic_save_figure(fig, path)
-
-
-def _draw_samples(model: nn.Module, head: nn.Module, cfg: DepthHeadConfig, ds: DepthDataset, folder: Path, n: int,
-                  short_side: int | None, unpad: str, device: torch.device) -> None:
-    for i in range(min(n, len(ds))):
-        s = ds.load(i)
-        pred = predict_depth(model, head, cfg, s.image, short_side=short_side, unpad=unpad, device=device)
-        save_depth_figure(folder / f"{s.id}.png", s.image, pred, s.depth, title=s.id)
-
-
-def format_depth_table(res: dict) -> str:
-    """One header line and the headline metrics, printed at the end of ``dinolab depth``."""
-    m = res.get("metrics") or res.get("val_metrics")
-    what = res["dataset"]["name"] if "dataset" in res else (res["val"] or {}).get("name", "-")
-    line = f"{res['task']} | model {res['model']} | {res['head_config']['kind']} head | {what}"
-    if not m:
-        return line + f" | final train loss {res['history'][-1]['loss']:.4f} (no --val set)"
-    return line + "\n  " + "  ".join(f"{k} {m[k]:.4f}" for k in HEADLINE)
-

@@ -4,7 +4,9 @@ Each job takes a backbone (in memory: the pretraining loop calls these for perio
 train/test ``LabeledImages`` and plain options; it returns a results dict and, given ``out_dir``,
 writes a run folder::
 
-    results.json             all numbers, the options, model id, dataset hashes, wall times
+    results.json             all numbers, the options, model id, dataset hashes, wall times; per split
+                             ``n_listed`` (images given), ``n_scored`` (decoded and used), ``n_skipped``
+                             (undecodable) and ``n`` (= ``n_listed``, kept for older readers)
     confusion_matrix.png     of the headline classifier on the test split
     per_class.json           per-class accuracy of that classifier
 
@@ -29,7 +31,7 @@ from dinolab.distributed import get_rank
 from dinolab.errors import DinolabError
 from dinolab.eval.features import extract_features
 from dinolab.eval.metrics import confusion_matrix, per_class_accuracy, plot_confusion_matrix
-from dinolab.io import atomic_write_json
+from dinolab.io import atomic_write_json, json_safe
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,7 @@ def write_run(out_dir: str | Path | None, results: dict, preds: Tensor, labels: 
               classes: list[str], title: str) -> dict:
     """Add confusion-matrix statistics to ``results`` and, with ``out_dir``, write the run folder."""
     cm = confusion_matrix(preds, labels, len(classes))
-    per_class = dict(zip(classes, per_class_accuracy(cm).tolist()))
+    per_class = json_safe(dict(zip(classes, per_class_accuracy(cm).tolist())))  # null: no test image of a class
     results["per_class_top1"] = per_class
     if out_dir is not None and get_rank() == 0:  # under torchrun every rank has the results; one writes
         out = Path(out_dir)
@@ -71,10 +73,22 @@ def write_run(out_dir: str | Path | None, results: dict, preds: Tensor, labels: 
     return results
 
 
+def counts(n_listed: int, n_scored: int | None) -> dict[str, int | None]:
+    """How many images a split listed, how many were scored (decoded and used), how many were skipped;
+    ``n`` repeats ``n_listed`` for readers of older results files."""
+    skipped = None if n_scored is None else n_listed - n_scored
+    return {"n": n_listed, "n_listed": n_listed, "n_scored": n_scored, "n_skipped": skipped}
+
+
 def _header(task: str, model_id: str, train: LabeledImages, test: LabeledImages, options: dict) -> dict:
     return {"task": task, "model": model_id, "options": options,
-            "train": {"n": len(train), "hash": dataset_hash(train), "classes": len(train.classes)},
-            "test": {"n": len(test), "hash": dataset_hash(test)}}
+            "train": {**counts(len(train), None), "hash": dataset_hash(train), "classes": len(train.classes)},
+            "test": {**counts(len(test), None), "hash": dataset_hash(test)}}
+
+
+def _scored(res: dict, n_train: int, n_test: int) -> None:
+    res["train"].update(counts(res["train"]["n_listed"], n_train))
+    res["test"].update(counts(res["test"]["n_listed"], n_test))
 
 
 def _check_classes(train: LabeledImages, test: LabeledImages) -> None:
@@ -98,6 +112,7 @@ def run_knn(model: nn.Module, train: LabeledImages, test: LabeledImages, *, mode
                                               device=device, num_workers=num_workers, progress=progress)
                               for ds in (train, test))
     t1 = time.perf_counter()
+    _scored(res, len(ytr), len(yte))
     knn = knn_classify(xtr, ytr, xte, test_labels=yte, num_classes=len(train.classes), ks=ks,
                        temperature=temperature, device=device)
     k_head = min(ks, key=lambda k: abs(k - 20))
@@ -122,6 +137,7 @@ def run_logreg(model: nn.Module, train: LabeledImages, test: LabeledImages, *, m
                                               device=device, num_workers=num_workers, progress=progress)
                               for ds in (train, test))
     t1 = time.perf_counter()
+    _scored(res, len(ytr), len(yte))
     lr = logreg_grid(xtr, ytr, xte, yte, num_classes=len(train.classes), val_fraction=val_fraction, seed=seed,
                      device=device, **grid_kw)
     res.update(_asdict(lr, drop=("predictions", "model")),
@@ -146,6 +162,7 @@ def run_linear(model: nn.Module, train: LabeledImages, test: LabeledImages, *, m
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         torch.save(lin.classifier_state, Path(out_dir) / "classifier.pth")
     ok = lin.test_predictions >= 0  # -1 marks test images that could not be decoded
+    _scored(res, lin.sizes["fit"] + lin.sizes["val"], int(ok.sum()))
     labels = torch.as_tensor(test.labels)[ok]
     return write_run(out_dir, res, lin.test_predictions[ok], labels, train.classes, "linear (held-out choice)")
 
@@ -164,7 +181,11 @@ def _asdict(obj: Any, drop: tuple[str, ...] = ()) -> dict:
 
 def format_table(res: dict) -> str:
     """A compact text table of a job's results, printed at the end of ``dinolab eval``."""
-    lines = [f"{res['task']} | model {res['model']} | train {res['train']['n']} | test {res['test']['n']}"]
+    def n(split: dict) -> str:
+        skipped = split.get("n_skipped")
+        return f"{split['n_scored']}" + (f" ({skipped} skipped)" if skipped else "")
+
+    lines = [f"{res['task']} | model {res['model']} | train {n(res['train'])} | test {n(res['test'])}"]
     if res["task"] == "knn":
         lines += [f"  k={k:>4s}  top1 {res['top1'][k]:6.2f}  top5 {res['top5'][k]:6.2f}" for k in res["top1"]]
     elif res["task"] == "linear":

@@ -47,6 +47,7 @@ from dinolab.errors import DinolabError, WeightsNotFoundError
 from dinolab.io import atomic_write
 from dinolab.models.checkpoints import OFFICIAL_BASE_URL, cache_dir, download_weights, verify_file
 from dinolab.models.safe_load import safe_torch_load
+from dinolab.viz.overlay import distinct_palette
 
 log = logging.getLogger(__name__)
 
@@ -401,7 +402,7 @@ def read_seg_head(source: str | os.PathLike, *, sha256: str | None = None, progr
     names, colours = meta.get("CLASSES"), meta.get("PALETTE")  # tuples, lists or numpy arrays
     classes = [str(c) for c in names] if names is not None and len(names) else _default_classes(official, k)
     palette = ([tuple(int(v) for v in c) for c in colours] if colours is not None and len(colours)
-               else voc_palette(k + 1)[1:] if official is None or official.dataset != "voc2012" else voc_palette(k))
+               else distinct_palette(k) if official is None or official.dataset != "voc2012" else voc_palette(k))
     if len(classes) != k or len(palette) < k:
         raise SegmentationError(f"{path}: meta has {len(classes)} classes / {len(palette)} colours for a {k}-class head")
     if official is not None:

@@ -1,4 +1,4 @@
-"""Segmentation jobs behind ``dinolab seg train | eval | predict``.
+"""Segmentation jobs behind ``dinolab seg train | eval`` (``predict``: ``segmentation_predict``).
 
 ``run_seg_train`` trains a linear head on a frozen backbone and writes a run folder::
 
@@ -42,9 +42,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from dinolab.data.images import list_images_with_ids, load_rgb
 from dinolab.data.segmentation import SegmentationDataset, SegmentationError
-from dinolab.data.transforms import IMAGENET_MEAN, IMAGENET_STD, dense_size
+from dinolab.data.transforms import IMAGENET_MEAN, IMAGENET_STD, MAX_LONG_SIDE_FACTOR, dense_size
 from dinolab.eval.features import _precision
 from dinolab.eval.metrics import plot_confusion_matrix, segmentation_confusion, segmentation_scores
 from dinolab.eval.segmentation import (
@@ -56,8 +55,7 @@ from dinolab.eval.segmentation import (
     save_seg_head,
     segment,
 )
-from dinolab.io import atomic_write_json
-from dinolab.viz.overlay import overlay_figure, save_png
+from dinolab.io import atomic_write_json, json_safe
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +75,12 @@ class Resize:
     round_to_patch: bool = True
 
     def size(self, h: int, w: int) -> tuple[int, int]:
+        """(H', W'); the long side is capped as in ``dense_size`` (at most 2 x the short side)."""
         if self.round_to_patch:
             return dense_size(h, w, self.patch, self.short_side)
-        s = 1.0 if self.short_side is None else self.short_side / min(h, w)
-        return int(h * s + 0.5), int(w * s + 0.5)
+        s = 1.0 if self.short_side is None else min(self.short_side / min(h, w),
+                                                    MAX_LONG_SIDE_FACTOR * self.short_side / max(h, w))
+        return max(1, int(h * s + 0.5)), max(1, int(w * s + 0.5))
 
     def image(self, img: Image.Image) -> Tensor:
         """PIL RGB -> (3, H', W') normalised float tensor (bicubic resize)."""
@@ -345,8 +345,15 @@ def evaluate(segmenter: Segmenter, ds: SegmentationDataset, resize: Resize, infe
 
 
 def _named(scores: dict, classes: Sequence[str]) -> dict:
-    return {"miou": scores["miou"], "pixel_acc": scores["pixel_acc"], "macc": scores["macc"],
-            "per_class_iou": dict(zip(classes, scores["iou"])), "per_class_acc": dict(zip(classes, scores["acc"]))}
+    """Scores by class name; undefined values (a class absent from the split) are None (JSON null)."""
+    return json_safe({"miou": scores["miou"], "pixel_acc": scores["pixel_acc"], "macc": scores["macc"],
+                      "per_class_iou": dict(zip(classes, scores["iou"])),
+                      "per_class_acc": dict(zip(classes, scores["acc"]))})
+
+
+def _described(ds: SegmentationDataset) -> dict:
+    """``ds.describe()`` with the image counts: every listed image is scored (a bad one stops the run)."""
+    return {**ds.describe(), "n_listed": len(ds), "n_scored": len(ds), "n_skipped": 0}
 
 
 def _write_scores(out: Path, res: dict, cm: Tensor, classes: Sequence[str], title: str) -> None:
@@ -401,10 +408,10 @@ def run_seg_train(model: nn.Module, train: SegmentationDataset, val: Segmentatio
     settings = {"model": model_id, "short_side": opts.short_side, "round_to_patch": opts.round_to_patch,
                 "inference": inference.as_dict(), "ignore_index": train.ignore_index, "head": opts.head}
     res = {"task": "seg-train", "model": model_id, "head": opts.head, "options": options,
-           "train": train.describe(), "eval": {**eval_ds.describe(), "split": "val" if val is not None else "train"},
+           "train": _described(train), "eval": {**_described(eval_ds), "split": "val" if val is not None else "train"},
            **_named(scores, train.classes), "epochs": logs,
            "class_weights": weight.tolist() if weight is not None else None,
-           "headline": {"metric": "mIoU", "value": scores["miou"]},
+           "headline": {"metric": "mIoU", "value": json_safe(scores["miou"])},
            "wall_s": {"val_features": t1 - t0, "train_features": feat_s, "train": t2 - t1 - feat_s, "eval": t3 - t2}}
     if out is not None:
         save_seg_head(out / "head.pth", head, classes=train.classes, palette=train.palette, settings=settings)
@@ -430,55 +437,27 @@ def run_seg_eval(model: nn.Module, ckpt: SegHeadCheckpoint, ds: SegmentationData
     resize = Resize(short_side, segmenter.patch_size, round_to_patch)
     t0 = time.perf_counter()
     scores, cm = evaluate(segmenter, ds, resize, inference, device=dev, progress=progress)
-    res = {"task": "seg-eval", "model": model_id, "head": ckpt.source, "data": ds.describe(),
+    res = {"task": "seg-eval", "model": model_id, "head": ckpt.source, "data": _described(ds),
            "preprocessing": {"short_side": short_side, "round_to_patch": round_to_patch},
            "inference": inference.as_dict(), **_named(scores, ds.classes),
-           "headline": {"metric": "mIoU", "value": scores["miou"]}, "wall_s": {"eval": time.perf_counter() - t0}}
+           "headline": {"metric": "mIoU", "value": json_safe(scores["miou"])},
+           "wall_s": {"eval": time.perf_counter() - t0}}
     if out_dir is not None:
         _write_scores(Path(out_dir), res, cm, ds.classes, f"mIoU {scores['miou']:.2f}")
     return res
 
 
-def run_seg_predict(model: nn.Module, ckpt: SegHeadCheckpoint, images: Any, out_dir: str | Path, *,
-                    inference: Inference, short_side: int | None, round_to_patch: bool, alpha: float = 0.5,
-                    device: str | None = None, progress: bool = True) -> list[dict]:
-    """Segment images (a folder, a ``.txt`` list or paths) and write, per image, ``<out>/<id>.png``
-    ([image | overlay | legend]) and ``<out>/masks/<id>.png`` (class indices, 8 or 16 bit).
-    Returns one record per image (id, files, class pixel shares); undecodable images are skipped."""
-    paths, ids = list_images_with_ids(images)
-    segmenter, dev = build_segmenter(model, ckpt, device)
-    resize = Resize(short_side, segmenter.patch_size, round_to_patch)
-    out, records = Path(out_dir), []
-    for path, id_ in tqdm(list(zip(paths, ids)), desc="predict", disable=not progress):
-        try:
-            img = load_rgb(path)
-        except Exception as e:  # noqa: BLE001  (BadImageError and friends: skip, report)
-            log.warning("skipping %s: %s", path, e)
-            records.append({"id": id_, "skipped": str(e)})
-            continue
-        with torch.inference_mode():
-            probs = segment(segmenter, resize.image(img)[None].to(dev), inference, out_size=(img.height, img.width))
-        labels = probs.argmax(1)[0].cpu().numpy()
-        rel = Path(id_).name if Path(id_).is_absolute() or ".." in Path(id_).parts else id_  # stay inside out
-        stem = Path(rel).with_suffix("").as_posix()
-        fig = overlay_figure(img, labels, ckpt.classes, ckpt.palette, alpha=alpha)
-        save_png(fig, out / f"{stem}.png")
-        save_png(labels.astype(np.uint8 if ckpt.num_classes <= 255 else np.uint16), out / "masks" / f"{stem}.png")
-        shares = np.bincount(labels.reshape(-1), minlength=ckpt.num_classes) / labels.size
-        records.append({"id": id_, "overlay": f"{stem}.png", "mask": f"masks/{stem}.png",
-                        "classes": {ckpt.classes[k]: round(float(v), 4) for k, v in enumerate(shares) if v > 0}})
-    atomic_write_json(out / "predictions.json", {"head": ckpt.source, "classes": ckpt.classes,
-                                                  "palette": [list(c) for c in ckpt.palette], "images": records})
-    return records
+def _pct(v: float | None, width: int = 0) -> str:
+    return f"{v:{width}.2f}" if v is not None else f"{'n/a':>{width}s}"
 
 
 def format_table(res: dict, top: int = 12) -> str:
-    """Text summary printed by ``dinolab seg train|eval``."""
-    lines = [(f"{res['task']} | model {res['model']} | mIoU {res['miou']:.2f} | pixel acc {res['pixel_acc']:.2f} "
-              f"| mAcc {res['macc']:.2f}")]
+    """Text summary printed by ``dinolab seg train|eval`` (n/a: a class absent from the split)."""
+    lines = [(f"{res['task']} | model {res['model']} | mIoU {_pct(res['miou'])} | pixel acc {_pct(res['pixel_acc'])} "
+              f"| mAcc {_pct(res['macc'])}")]
     ious = res["per_class_iou"]
     for name, v in list(ious.items())[:top]:
-        lines.append(f"  {name[:20]:20s} IoU {v:6.2f}")
+        lines.append(f"  {name[:20]:20s} IoU {_pct(v, 6)}")
     if len(ious) > top:
         lines.append(f"  ... {len(ious) - top} more classes in results.json")
     return "\n".join(lines)

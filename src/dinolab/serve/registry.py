@@ -23,6 +23,7 @@ from typing import Any
 
 from torch import nn
 
+from dinolab.data.transforms import MAX_LONG_SIDE_FACTOR
 from dinolab.errors import DinolabError, WeightsNotFoundError
 from dinolab.serve.heads import DepthHead, SegmentationHead, load_depth_head, load_seg_head
 from dinolab.serve.settings import ModelSpec, ServeSettings
@@ -78,7 +79,7 @@ class ServedModel:
 
     @property
     def max_side(self) -> int:
-        return 2 * self.short_side
+        return MAX_LONG_SIDE_FACTOR * self.short_side  # the CLI's dense transform caps alike
 
     def info(self) -> dict[str, Any]:
         """What ``GET /v1/models`` says about this model."""

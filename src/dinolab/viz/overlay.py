@@ -9,6 +9,7 @@ Example::
 
 from __future__ import annotations
 
+import colorsys
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +22,29 @@ from dinolab.io import atomic_write
 Colour = tuple[int, int, int]
 SWATCH = 14  # legend colour-square side, px
 ROW = 18  # legend row height, px
+
+
+# hue sequence beyond tab20: (saturation, value) levels that stay apart from tab20's and each other
+_EXTRA_LEVELS = ((1.0, 0.5), (0.5, 0.55), (1.0, 1.0), (0.8, 0.3), (0.6, 0.9))
+_GOLDEN = 0.618033988749895
+
+
+def distinct_palette(n: int) -> list[Colour]:
+    """``n`` class colours with distinct hues, for labels without a palette of their own: matplotlib's
+    qualitative ``tab20`` (its 10 strong shades, then the 10 light ones), then a golden-ratio hue
+    sequence over a few saturation / value levels. Neighbouring indices never get near-identical
+    colours (the VOC bit-pattern palette gives classes 1 and 8 dark red and darker red)."""
+    from matplotlib import colormaps
+
+    tab = colormaps["tab20"].colors
+    order = [*range(0, 20, 2), *range(1, 20, 2)]
+    out: list[Colour] = [tuple(round(c * 255) for c in tab[order[i]]) for i in range(min(n, 20))]  # type: ignore[misc]
+    k = len(_EXTRA_LEVELS)
+    for i in range(n - len(out)):
+        s, v = _EXTRA_LEVELS[i % k]
+        h = ((i // k) * _GOLDEN + (i % k) / (2 * k)) % 1.0
+        out.append(tuple(round(c * 255) for c in colorsys.hsv_to_rgb(h, s, v)))  # type: ignore[arg-type]
+    return out
 
 
 def colorize(labels: np.ndarray, palette: Sequence[Colour], ignore_index: int = 255,

@@ -190,7 +190,7 @@ def _named_images(images: Sequence[ImageInput] | None) -> list[tuple[str, Image.
             name, img = item
             out.append((str(name), img.convert("RGB")))
         else:
-            out.append((Path(item).stem, load_rgb(item)))
+            out.append((Path(item).name, load_rgb(item)))
     if not out:
         raise ValueError("no images given")
     return out
@@ -232,8 +232,10 @@ def _upsample(colors: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(rgb.resize(size, Image.Resampling.NEAREST))
 
 
-def _save_grid(named: list[tuple[str, Image.Image]], result: PatchPCA, out_png: Path, show_mask: bool) -> None:
-    """Draw the figure (one column per image) with the Agg canvas and write it atomically."""
+def _save_grid(named: list[tuple[str, Image.Image]], result: PatchPCA, out_png: Path, show_mask: bool,
+               title: str) -> None:
+    """Draw the figure (one column per image, named; ``title`` above) with the Agg canvas and write it
+    atomically."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -249,7 +251,8 @@ def _save_grid(named: list[tuple[str, Image.Image]], result: PatchPCA, out_png: 
         for row, panel in enumerate(panels):
             axes[row, col].imshow(panel, interpolation="nearest")
             axes[row, col].set_axis_off()
-        axes[0, col].set_title(name, fontsize=9)
+        axes[0, col].set_title(name if len(name) <= 40 else name[:37] + "...", fontsize=9)
+    fig.suptitle(title, fontsize=10)
     atomic_save_figure(fig, out_png)
 
 
@@ -264,8 +267,10 @@ def pca_figure(
     n_components: int = 3,
     show_mask: bool = True,
     device: str | None = None,
+    model_name: str | None = None,
 ) -> Path:
-    """Write the PCA part-colouring figure: rows = input, PCA colours, (foreground mask).
+    """Write the PCA part-colouring figure: rows = input, PCA colours, (foreground mask); the title
+    names the model (``model_name``, default its variant name or class), each column its image.
 
     ``images``: paths, ``(name, PIL image)`` pairs, or None for :func:`sample_images`. The PCA is
     fitted jointly over all images (put images of one category together to see parts match).
@@ -275,6 +280,8 @@ def pca_figure(
     feats = patch_features(model, [img for _, img in named], short_side=short_side, device=device)
     result = patch_pca(feats, threshold=threshold, foreground=foreground, n_components=n_components)
     out = Path(out_png)
-    _save_grid(named, result, out, show_mask=show_mask and foreground != "all")
+    name = model_name or getattr(model, "name", None) or type(model).__name__
+    title = f"PCA of {name} patch features, {len(named)} image{'s' if len(named) > 1 else ''}"
+    _save_grid(named, result, out, show_mask=show_mask and foreground != "all", title=title)
     log.info("wrote PCA figure for %d images to %s", len(named), out)
     return out
