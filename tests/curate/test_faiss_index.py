@@ -63,7 +63,7 @@ def test_save_load_round_trip(tmp_path, kind):
     q = _clustered(20, d=32, n_centers=20, seed=2)
     s0, i0 = index.search(q, 7)
     s1, i1 = loaded.search(q, 7)
-    assert torch.equal(i0, i1) and torch.equal(s0, s1)
+    assert torch.equal(i0, i1) and torch.equal(s0, s1)  # same vectors, same search code: bit-identical
     rows = [0, 5, 2999]
     v = loaded.vectors(rows).numpy()
     unit = x[rows] / np.linalg.norm(x[rows], axis=1, keepdims=True)

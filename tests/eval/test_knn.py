@@ -53,10 +53,28 @@ def test_predictions_equal_sklearn(data):
     assert result.top5[20] == 100.0  # 5 classes: top-5 is top-C
 
 
+def _assert_no_near_ties(xtr, ytr, xte, ks, dtype):
+    """Chunking changes the matmul shapes, so each cosine may round differently (float32: at most
+    (dim + 4) units in the last place of a unit-vector dot product, worst case). The predictions are
+    discrete and can only differ where the data has a near-tie: check that it has none, i.e. the k-th
+    and (k+1)-th similarities and the two best class votes are further apart than that rounding."""
+    u = torch.finfo(dtype).eps / 2
+    bound = 2 * (xtr.shape[1] + 4) * u  # two similarities, each off by at most (dim + 4) u
+    sims = torch.nn.functional.normalize(xte.double(), dim=1) @ torch.nn.functional.normalize(xtr.double(), dim=1).T
+    for k in ks:
+        v, i = sims.topk(k + 1, dim=1)
+        assert float((v[:, k - 1] - v[:, k]).min()) > bound, k
+        w = torch.exp((v[:, :k] - v[:, :1]) / T)
+        votes = torch.zeros(len(xte), int(ytr.max()) + 1, dtype=w.dtype).scatter_add_(1, ytr[i[:, :k]], w)
+        best = votes.topk(2, dim=1).values
+        assert float(((best[:, 0] - best[:, 1]) / best[:, 0]).min()) > 100 * bound / T, k
+
+
 def test_chunked_equals_unchunked(data):
     xtr, ytr, xte, yte = data
     xtr, xte = xtr.float(), xte.float()
     ks = (1, 5, 20)
+    _assert_no_near_ties(xtr, ytr, xte, ks, torch.float32)
     whole = knn_classify(xtr, ytr, xte, test_labels=yte, num_classes=5, ks=ks, device="cpu")
     for test_chunk, train_chunk in [(7, 33), (200, 3), (1, 500)]:  # train_chunk 3 < k: merging matters
         chunked = knn_classify(xtr, ytr, xte, test_labels=yte, num_classes=5, ks=ks, device="cpu",

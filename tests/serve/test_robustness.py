@@ -176,6 +176,24 @@ def test_concurrent_requests_are_queued_not_mixed():
         np.testing.assert_allclose(got[i], alone[n], atol=1e-6)
 
 
+def _read_reply(s: socket.socket) -> str:
+    """The whole reply: headers and body may arrive in separate segments (one recv() got only the
+    headers on a loaded machine), so read until the connection closes or Content-Length is in."""
+    data = b""
+    while True:
+        head, sep, body = data.partition(b"\r\n\r\n")
+        if sep:
+            length = [int(ln.split(b":", 1)[1]) for ln in head.split(b"\r\n")
+                      if ln.lower().startswith(b"content-length:")]
+            if length and len(body) >= length[0]:
+                break
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode()
+
+
 def test_a_stalled_upload_gets_504():
     app = create_app(ServeSettings(limits=Limits(timeout_s=0.5)), models=[tiny_served()])
     with ServerThread(app) as url:
@@ -184,6 +202,6 @@ def test_a_stalled_upload_gets_504():
             s.sendall(b"POST /v1/embed HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                       b"Content-Type: multipart/form-data; boundary=b\r\n"
                       b"Content-Length: 1000\r\n\r\n--b\r\n")  # ... and nothing more
-            reply = s.recv(4096).decode()
+            reply = _read_reply(s)
         assert reply.startswith("HTTP/1.1 504") and "took longer" in reply
         assert httpx.get(url + "healthz").status_code == 200
