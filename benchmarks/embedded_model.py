@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import shutil
@@ -46,6 +47,12 @@ KNN_SETS = {  # name: (bank, queries, bank images per class) relative to <work>/
     "tinyimagenet190": ("tin/train", "tin/val", 100),  # 19,000 of the 76,000 train images (CPU budget)
     "cifar10": ("cifar10:train", "cifar10:test", 1000),  # 10,000 of the 50,000
 }
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _shared(folder: str) -> Path:
@@ -180,7 +187,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     results_file = work / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
-    results["machine"] = f"{platform.machine()} {platform.processor() or ''} cpus".strip()
+    results["machine"] = f"{platform.machine()} CPU, {os.cpu_count()} cores, torch threads {_threads()}"
     for stage in STAGES:
         if stage not in stages:
             continue

@@ -98,7 +98,7 @@ Backbone: `{a['name']}` — width {a['embed_dim']}, {a['depth']} blocks, {a['num
   train stage runs `dinolab train --config embedded-cpu --data .cache/embedded/train_list.txt
   train.output_dir=.cache/embedded/run`). Recipe: `src/dinolab/configs/train/embedded-cpu.yaml`.
 - {t['iterations']} iterations of 64 images (2 x 64-px global + 6 x 32-px local crops), {hours:.2f} h
-  on {t['machine']} (2 cores, shared with other work).
+  on {t['machine']} (shared with other work, so slower than on an idle machine).
 - Data (130,070 list entries, no labels used): Tiny-ImageNet-190 train, CIFAR-10 train, and the
   CamVid and 7-Scenes training frames listed 10 times each.
 
@@ -110,6 +110,10 @@ architecture with random weights:
 |---|---|---|---:|---:|
 {chr(10).join(_knn_rows(results))}
 
+Banks: 100 training images per class (Tiny-ImageNet-190) and 1,000 (CIFAR-10), seeded subsets (CPU
+budget). Above the random-init floor, but weak: on CIFAR-10 it stays below raw pixels (45.4% kNN with
+the full bank at 32 px, benchmarks/README.md). A short CPU run of a 2.8M-parameter model.
+
 Dense heads shipped beside it (trained on the fp16 backbone as loaded):
 - `seg_camvid_linear.pth` — CamVid 11 classes, linear head (BatchNorm + 1x1 conv), native 320x240:
   **mIoU {meta['segmentation']['miou']:.2f}**, pixel accuracy {meta['segmentation']['pixel_acc']:.2f} on the
@@ -117,6 +121,11 @@ Dense heads shipped beside it (trained on the fp16 backbone as loaded):
 - `depth_7scenes_lin1.pth` — 7-Scenes RedKitchen, `lin1` head (256 bins, 0-10 m): **RMSE
   {d['rmse']:.3f} m**, AbsRel {d['abs_rel']:.3f}, delta1 {d['delta1']:.3f} on the 10 validation frames
   (depth not registered to RGB in this copy: see ../shared/data/sevenscenes_redkitchen/README.md).
+
+For reference (benchmarks/README.md, same heads): the `small-cpu` ViT-Ti/14 pretrained only on the
+407 CamVid + 7-Scenes frames reaches 22.15 mIoU / 0.490 m, a random-init ViT-Ti/14 15.07 / 0.597 m,
+raw 14-px patch pixels 13.10 / 0.568 m. This model, trained mostly on 64-px object photos, is weaker on
+street scenes and on depth than that specialised one; its depth head does not beat those floors.
 
 ## Licence notes
 The code is Apache-2.0. The weights are derived from these images; their terms apply to the weights,

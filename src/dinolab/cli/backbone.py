@@ -64,10 +64,10 @@ def cmd_pca(args: argparse.Namespace) -> None:
     from dinolab.viz.pca import pca_figure, sample_images
 
     images = args.images or sample_images(args.samples.split(",") if args.samples else None)
-    model, short_side = load_backbone_or_embedded(args)
+    model, short_side, name = load_backbone_or_embedded(args)
     out = pca_figure(model, images, args.out, short_side=short_side, threshold=args.threshold,
                      foreground=args.foreground, show_mask=not args.no_mask,
-                     device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), model_name=str(args.model))
+                     device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), model_name=name)
     print(f"wrote {out}")
 
 

@@ -179,7 +179,7 @@ def model_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def load_backbone_or_embedded(args: argparse.Namespace, patches: int = 32):
-    """``(backbone, short side)``: the model the options name or, when that is an official name whose
+    """``(backbone, short side, model name)``: the model the options name or, when that is an official name whose
     weights are neither cached nor downloadable and ``args.fallback`` is ``embedded``, the embedded
     model shipped with dinolab (one warning line says which file to download where). The short side is
     ``args.short_side`` or ``patches`` patches (the embedded model: its own default)."""
@@ -196,5 +196,6 @@ def load_backbone_or_embedded(args: argparse.Namespace, patches: int = 32):
             raise
         logging.getLogger("dinolab").warning("%s; using %s instead (--fallback off: stop here)", e,
                                              embedded.describe())
-        return embedded.load_embedded(device=getattr(args, "device", None)), args.short_side or embedded.SHORT_SIDE
-    return model, args.short_side or patches * int(model.patch_size)
+        short_side = args.short_side or embedded.SHORT_SIDE
+        return embedded.load_embedded(device=getattr(args, "device", None)), short_side, embedded.EMBEDDED_NAME
+    return model, args.short_side or patches * int(model.patch_size), str(args.model)
