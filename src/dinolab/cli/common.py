@@ -93,7 +93,7 @@ def take_subset(ds: D, n: int | None, seed: int = 0, what: str = "data") -> D:
     return ds.subset(idx.tolist())  # type: ignore[attr-defined]
 
 
-def train_subset(ds: D, args: argparse.Namespace, what: str = "the training set") -> D:
+def subset_train(ds: D, args: argparse.Namespace, what: str = "the training set") -> D:
     """The training side of ``--few-shot`` / ``--limit``."""
     if getattr(args, "few_shot", None):
         from dinolab.data.datasets import few_shot
@@ -102,7 +102,7 @@ def train_subset(ds: D, args: argparse.Namespace, what: str = "the training set"
     return take_subset(ds, args.limit, args.seed, what)
 
 
-def test_subset(ds: D, args: argparse.Namespace, what: str = "the test set") -> D:
+def subset_test(ds: D, args: argparse.Namespace, what: str = "the test set") -> D:
     """The test side: ``--test-limit``, else ``--limit``."""
     n = args.test_limit if args.test_limit is not None else args.limit
     return take_subset(ds, n, args.seed, what)

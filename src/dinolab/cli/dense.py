@@ -13,8 +13,8 @@ from dinolab.cli.common import (
     add_subset_args,
     check_out_dir,
     load_backbone,
-    test_subset,
-    train_subset,
+    subset_test,
+    subset_train,
 )
 
 log = logging.getLogger("dinolab")
@@ -52,8 +52,8 @@ def cmd_seg(args: argparse.Namespace) -> None:
     if args.action == "train":
         out = check_out_dir(args.out or Path("runs") / f"seg-{args.head}-{Path(str(args.model)).stem}",
                             args.overwrite, ("results.json", "head.pth"))
-        train = train_subset(_seg_dataset(args.train, args), args, f"--train {args.train}")
-        val = test_subset(_seg_dataset(args.val, args), args, f"--val {args.val}") if args.val else None
+        train = subset_train(_seg_dataset(args.train, args), args, f"--train {args.train}")
+        val = subset_test(_seg_dataset(args.val, args), args, f"--val {args.val}") if args.val else None
         opts = seg.TrainOptions(head=args.head, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                 weight_decay=args.weight_decay, short_side=args.short_side or 448,
                                 round_to_patch=not args.no_round, augment=args.augment, crop=args.train_crop,
@@ -71,7 +71,7 @@ def cmd_seg(args: argparse.Namespace) -> None:
     rounded = ckpt.settings.get("round_to_patch", True) and not args.no_round
     if args.action == "eval":
         out = check_out_dir(args.out or Path("runs") / f"seg-eval-{Path(str(args.head)).stem}", args.overwrite)
-        data = test_subset(_seg_dataset(args.data, args), args, f"--data {args.data}")
+        data = subset_test(_seg_dataset(args.data, args), args, f"--data {args.data}")
         res = seg.run_seg_eval(load_backbone(args), ckpt, data, inference=inference,
                                short_side=short, round_to_patch=rounded, model_id=str(args.model), out_dir=out,
                                device=args.device, progress=progress)
@@ -189,8 +189,8 @@ def cmd_depth(args: argparse.Namespace) -> None:
     if args.action == "train":
         out = check_out_dir(args.out or Path("runs") / f"depth-{args.head}-{Path(str(args.model)).stem}",
                             args.overwrite, ("results.json", "head.pth"))
-        train = train_subset(_depth_dataset(args.train, args), args, f"--train {args.train}")
-        val = test_subset(_depth_dataset(args.val, args), args, f"--val {args.val}") if args.val else None
+        train = subset_train(_depth_dataset(args.train, args), args, f"--train {args.train}")
+        val = subset_test(_depth_dataset(args.val, args), args, f"--val {args.val}") if args.val else None
         settings = {"n_bins": args.n_bins, "bins": args.bins, "norm_strategy": args.norm_strategy,
                     "final_norm": args.final_norm}
         if args.head == "dpt":
@@ -207,7 +207,7 @@ def cmd_depth(args: argparse.Namespace) -> None:
     check_out_dir(out, args.overwrite, ("results.json",) if args.action == "eval" else ("predictions.json",))
     model, loaded = _depth_head(args)
     if args.action == "eval":
-        data = test_subset(_depth_dataset(args.data, args), args, f"--data {args.data}")
+        data = subset_test(_depth_dataset(args.data, args), args, f"--data {args.data}")
         res = depth.evaluate_depth(model, loaded, data, flip_tta=args.flip_tta,
                                    out_dir=out, save_png=args.save_png, model_id=str(args.model),
                                    head_id=str(args.head), **common)

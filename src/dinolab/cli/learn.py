@@ -14,8 +14,8 @@ from dinolab.cli.common import (
     add_subset_args,
     check_out_dir,
     load_backbone,
-    test_subset,
-    train_subset,
+    subset_test,
+    subset_train,
 )
 
 log = logging.getLogger("dinolab")
@@ -28,8 +28,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     init_distributed()  # under torchrun: feature extraction is sharded across ranks (kNN, logreg)
     out = check_out_dir(args.out or Path("runs") / f"eval-{args.task}-{Path(str(args.model)).stem}", args.overwrite)
-    train = train_subset(resolve_dataset(args.train), args, f"--train {args.train}")
-    test = test_subset(resolve_dataset(args.test), args, f"--test {args.test}")
+    train = subset_train(resolve_dataset(args.train), args, f"--train {args.train}")
+    test = subset_test(resolve_dataset(args.test), args, f"--test {args.test}")
     common = {"model_id": str(args.model), "out_dir": out}
     feat = {"resize": args.resize, "crop": args.crop, "batch_size": args.batch_size, "device": args.device,
             "num_workers": args.num_workers, "progress": not args.no_progress}

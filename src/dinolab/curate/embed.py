@@ -174,7 +174,8 @@ class _ShardBuffer:
         self.rows: dict[str, list[Tensor]] = defaultdict(list)
 
     def add(self, batch: Batch, feats: dict[str, Tensor], ids: list[str], model_id: str) -> None:
-        bad = [ids[i] for k, v in feats.items() for i, ok in zip(batch.indices, _finite_rows(v)) if not ok]
+        finite = [all(row) for row in zip(*(_finite_rows(v) for v in feats.values()))]  # per image, every key
+        bad = [ids[i] for i, ok in zip(batch.indices, finite) if not ok]
         if bad:
             raise DinolabError(f"model {model_id} gives non-finite features (NaN or inf) for {len(bad)} image(s), "
                                f"e.g. {', '.join(bad[:3])}: broken weights, or an overflow under --precision fp16 "

@@ -5,8 +5,9 @@ train/test ``LabeledImages`` and plain options; it returns a results dict and, g
 writes a run folder::
 
     results.json             all numbers, the options, model id, dataset hashes, wall times; per split
-                             ``n_listed`` (images given), ``n_scored`` (decoded and used), ``n_skipped``
-                             (undecodable) and ``n`` (= ``n_listed``, kept for older readers)
+                             ``n_listed`` (images given), ``n_scored`` (decoded and used; None for the
+                             linear probe's train split), ``n_skipped`` (undecodable) and ``n``
+                             (= ``n_listed``, kept for older readers)
     confusion_matrix.png     of the headline classifier on the test split
     per_class.json           per-class accuracy of that classifier
 
@@ -86,7 +87,7 @@ def _header(task: str, model_id: str, train: LabeledImages, test: LabeledImages,
             "test": {**counts(len(test), None), "hash": dataset_hash(test)}}
 
 
-def _scored(res: dict, n_train: int, n_test: int) -> None:
+def _scored(res: dict, n_train: int | None, n_test: int) -> None:
     res["train"].update(counts(res["train"]["n_listed"], n_train))
     res["test"].update(counts(res["test"]["n_listed"], n_test))
 
@@ -162,7 +163,7 @@ def run_linear(model: nn.Module, train: LabeledImages, test: LabeledImages, *, m
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         torch.save(lin.classifier_state, Path(out_dir) / "classifier.pth")
     ok = lin.test_predictions >= 0  # -1 marks test images that could not be decoded
-    _scored(res, lin.sizes["fit"] + lin.sizes["val"], int(ok.sum()))
+    _scored(res, None, int(ok.sum()))  # train: the probe decodes it anew each epoch, no one count
     labels = torch.as_tensor(test.labels)[ok]
     return write_run(out_dir, res, lin.test_predictions[ok], labels, train.classes, "linear (held-out choice)")
 
@@ -182,8 +183,8 @@ def _asdict(obj: Any, drop: tuple[str, ...] = ()) -> dict:
 def format_table(res: dict) -> str:
     """A compact text table of a job's results, printed at the end of ``dinolab eval``."""
     def n(split: dict) -> str:
-        skipped = split.get("n_skipped")
-        return f"{split['n_scored']}" + (f" ({skipped} skipped)" if skipped else "")
+        scored, skipped = split.get("n_scored"), split.get("n_skipped")
+        return f"{split['n'] if scored is None else scored}" + (f" ({skipped} skipped)" if skipped else "")
 
     lines = [f"{res['task']} | model {res['model']} | train {n(res['train'])} | test {n(res['test'])}"]
     if res["task"] == "knn":

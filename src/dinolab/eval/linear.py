@@ -75,8 +75,7 @@ class LinearResult:
         official: the head with the best test top-1 (the release's selection), with its top1/top5.
         test_predictions: (N_test,) int64 predicted class of the held-out head (-1: not decoded).
         classifier_state: ``{"config", "state_dict", "classes"}`` of the held-out head, for saving.
-        sizes: number of images used (decoded) for fit (train minus val), val and test; with
-            ``augment`` the fit count is of the listed images.
+        sizes: number of images used for fit (train minus val), val and test.
     """
 
     grid: list[dict]
@@ -278,8 +277,7 @@ def linear_probe(
             outcome = train_linear_grid(fit_f, fit_y, eval_sets, num_classes=num_classes, lrs=lrs,
                                         n_blocks=n_blocks, avgpool=avgpool, epochs=epochs,
                                         batch_size=batch_size, device=device, seed=seed, progress=progress)
-    # images that decoded (fit with augment: listed, as each epoch decodes them anew)
-    sizes = {"fit": len(fit) if augment else len(fit_y), "val": len(val_y), "test": len(test_y)}
+    sizes = {"fit": len(fit), "val": len(val), "test": len(test)}
     return _summarise(outcome, len(test), test_good, train.classes, sizes)
 
 
