@@ -10,6 +10,7 @@ import torch
 
 from dinolab.cli.common import (add_model_args, add_overwrite_arg, add_progress_arg, load_backbone,
                                 load_backbone_or_embedded, model_options)
+from dinolab.errors import DinolabError
 
 log = logging.getLogger("dinolab")
 
@@ -56,6 +57,9 @@ def cmd_embed(args: argparse.Namespace) -> None:
                 num_workers=args.num_workers, device=args.device, autocast=autocast,
                 pooling=args.pooling.split(","), fmt=args.format, shard_size=args.shard_size,
                 overwrite=args.overwrite, progress=not args.no_progress)
+    if res.count == 0:  # the folder holds the reasons; an empty result is not a success
+        raise DinolabError(f"none of the {len(res.skipped)} images could be decoded; the reasons are in "
+                           f"{Path(res.out_dir) / 'skipped.txt'}")
     if get_rank() == 0:
         print(f"embedded {res.count} images into {res.out_dir} ({len(res.skipped)} skipped, listed in skipped.txt)")
 

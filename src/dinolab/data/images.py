@@ -13,13 +13,16 @@ Decoding choices:
   float images (``F``) in [0, 1] are scaled by 255, other float ranges are min-max scaled;
 - the EXIF orientation is applied (a broken EXIF block is ignored, not a reason to skip);
 - truncated files are errors: ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left alone (False);
-- Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) applies; a bomb is a bad image.
+- Pillow's decompression-bomb limit applies: an image over 2 x ``Image.MAX_IMAGE_PIXELS`` (179 M px by
+  default) is refused from its header, before anything is decoded; a bomb is a bad image;
+- only regular files are opened (a named pipe with an image name would block the reader).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,14 +167,17 @@ def load_rgb(path: str | os.PathLike | IO[bytes], *, name: str | None = None) ->
     RGB ``PIL.Image`` with the EXIF orientation applied; ``name`` labels errors (default ``path``).
 
     Raises ``BadImageError`` (with the reason) for missing, unreadable, corrupt, truncated or
-    non-image files and decompression bombs; the full decode happens here, so a truncated file
-    cannot slip through to the transform.
+    non-image files, anything but a regular file (opening a named pipe would block) and
+    decompression bombs; the full decode happens here, so a truncated file cannot slip through to
+    the transform.
     """
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # open() of a named pipe blocks for ever
+            raise BadImageError(path, "not a regular file (a folder, pipe, socket or device)")
         with Image.open(path) as img:
             img.load()  # decode now: truncation and corruption show up here
             return to_rgb(_upright(img))
-    except MemoryError:
+    except (MemoryError, BadImageError):
         raise
     except Exception as e:  # Pillow raises many types (OSError, SyntaxError, struct.error, ...)
         raise BadImageError(name if name is not None else path, _reason(e)) from e

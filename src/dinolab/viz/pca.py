@@ -31,8 +31,9 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from dinolab.data.images import load_rgb
+from dinolab.data.images import BadImageError, load_rgb
 from dinolab.data.transforms import make_dense_transform
+from dinolab.errors import DinolabError
 from dinolab.io import atomic_save_figure
 
 log = logging.getLogger(__name__)
@@ -181,16 +182,25 @@ def _fg_colors(x: Tensor, n_components: int) -> Tensor:
 
 
 def _named_images(images: Sequence[ImageInput] | None) -> list[tuple[str, Image.Image]]:
-    """Paths or ``(name, PIL image)`` pairs -> ``(name, RGB image)``; None -> sample images."""
+    """Paths or ``(name, PIL image)`` pairs -> ``(name, RGB image)``; None -> sample images. Files that
+    cannot be decoded are skipped with a warning; when none can, ``DinolabError``."""
     if images is None:
         return sample_images()
-    out = []
+    out, bad = [], []
     for item in images:
         if isinstance(item, tuple):
             name, img = item
             out.append((str(name), img.convert("RGB")))
         else:
-            out.append((Path(item).name, load_rgb(item)))
+            try:
+                out.append((Path(item).name, load_rgb(item)))
+            except BadImageError as e:  # skipped and counted, as everywhere else
+                bad.append(str(e))
+    if bad:
+        log.warning("skipped %d of %d images that could not be decoded: %s", len(bad), len(bad) + len(out),
+                    "; ".join(bad[:5]))
+    if not out and bad:
+        raise DinolabError(f"none of the {len(bad)} images could be decoded: {bad[0]}")
     if not out:
         raise ValueError("no images given")
     return out
