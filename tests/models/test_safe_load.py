@@ -82,13 +82,17 @@ def _train_checkpoint(tmp: Path):
 
 
 def _resume(tmp: Path):
+    """The resume path of ``dinolab train``: the run folder's newest checkpoint is read (then checked
+    against the config) by ``loop._previous_run``."""
+    from dinolab.config import load_config
     from dinolab.train.checkpointing import save_checkpoint
-    from dinolab.train.loop import _resume as resume
+    from dinolab.train.loop import _previous_run
 
     model = _tiny_backbone()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     path = save_checkpoint(tmp / "run", 3, {"model": model.state_dict(), "optimizer": opt.state_dict()})
-    return path, torch.load(path, weights_only=True), lambda: resume(tmp / "run", model, opt, 0, 1, 0)
+    cfg = load_config("cpu-smoke")
+    return path, torch.load(path, weights_only=True), lambda: _previous_run(tmp / "run", cfg, {}, force=True)
 
 
 def _serve_seg_flag(tmp: Path):
