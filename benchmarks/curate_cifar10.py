@@ -50,6 +50,7 @@ from dinolab.data.transforms import make_classification_transform
 from dinolab.eval.features import extract_features
 from dinolab.eval.neighbours import topk_cosine
 from dinolab.io import atomic_save_figure, atomic_write, atomic_write_json
+from dinolab.models.safe_load import safe_torch_load
 
 EDITS = (("crop",), ("resize",), ("jpeg",), ("colour",), ("crop", "resize", "jpeg", "colour"))
 SEED_CLASSES = (0, 1)  # airplane, automobile
@@ -66,7 +67,7 @@ class Features:
     def raw_cls(self, images: np.ndarray, name: str | None = None) -> torch.Tensor:
         path = self.cache / f"{name}.pt" if name and self.cache else None
         if path is not None and path.is_file():
-            return torch.load(path)
+            return safe_torch_load(path)
         f = extract_features(self.model, images, transform=make_classification_transform(32, 32),
                              batch_size=self.batch_size, device="cpu", progress=len(images) > 5000).cls
         if path is not None:
