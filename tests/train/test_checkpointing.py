@@ -162,11 +162,11 @@ ck.save_checkpoint(run, 2, {"w": torch.zeros(4)})
 """
 
 
-@pytest.mark.slow  # a Python + torch subprocess: ~4 s of CPU, minutes of wall time on a loaded 2-core machine
 def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     import subprocess
     import sys
 
+    # ~5 s: a Python + torch subprocess
     proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(tmp_path)], stdout=subprocess.PIPE,
                             text=True)
     try:
