@@ -473,7 +473,7 @@ def test_http_embed_accepts_convertible_uploads_and_refuses_bad_ones(matrix):
 
     torch.manual_seed(0)
     app = create_app(models=[ServedModel.wrap(create_model("vit_tiny_patch4", depth=1), short_side=32)])
-    client = TestClient(app)
+    client = TestClient(app, base_url="http://127.0.0.1")
     for rel in GOOD_IDS + BAD_IDS:
         path = matrix / rel
         if not path.is_file() or path.is_symlink():

@@ -172,7 +172,8 @@ def load_rgb(path: str | os.PathLike | IO[bytes], *, name: str | None = None) ->
     the transform.
     """
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):  # open() of a named pipe blocks for ever
+        is_path = isinstance(path, (str, os.PathLike))
+        if is_path and not stat.S_ISREG(os.stat(path).st_mode):  # open() of a named pipe blocks for ever
             raise BadImageError(path, "not a regular file (a folder, pipe, socket or device)")
         with Image.open(path) as img:
             img.load()  # decode now: truncation and corruption show up here
