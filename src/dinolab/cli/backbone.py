@@ -8,8 +8,14 @@ from pathlib import Path
 
 import torch
 
-from dinolab.cli.common import (add_model_args, add_overwrite_arg, add_progress_arg, load_backbone,
-                                load_backbone_or_embedded, model_options)
+from dinolab.cli.common import (
+    add_model_args,
+    add_overwrite_arg,
+    add_progress_arg,
+    load_backbone,
+    load_backbone_or_embedded,
+    model_options,
+)
 from dinolab.errors import DinolabError
 
 log = logging.getLogger("dinolab")

@@ -26,7 +26,7 @@ D = TypeVar("D")
 
 
 def _has_flag(p: argparse.ArgumentParser, flag: str) -> bool:
-    return flag in p._option_string_actions  # noqa: SLF001  (argparse has no public lookup)
+    return flag in p._option_string_actions
 
 
 def add_seed_arg(p: argparse.ArgumentParser) -> None:
@@ -59,7 +59,7 @@ def add_progress_arg(p: argparse.ArgumentParser) -> None:
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def add_overwrite_arg(p: argparse.ArgumentParser, help: str | None = None) -> None:  # noqa: A002
+def add_overwrite_arg(p: argparse.ArgumentParser, help: str | None = None) -> None:
     """``--overwrite``: write into an output folder that already holds this command's results."""
     p.add_argument("--overwrite", action="store_true", help=help or "write into an output folder that already "
                    "holds results (default: refuse, so a finished run is never replaced by accident)")
@@ -125,8 +125,8 @@ def add_debug_everywhere(parser: argparse.ArgumentParser) -> None:
     seen: set[int] = set()
 
     def walk(p: argparse.ArgumentParser) -> None:
-        for action in p._actions:  # noqa: SLF001
-            if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
                 for child in action.choices.values():
                     if id(child) in seen:
                         continue
@@ -159,7 +159,7 @@ def load_backbone(args: argparse.Namespace):
                               pretrained=not args.random_init)
     except (KeyboardInterrupt, MemoryError, WeightsNotFoundError):  # the last: callers may fall back
         raise
-    except Exception as e:  # noqa: BLE001  (unreadable, corrupt or impossible weights: say which file)
+    except Exception as e:
         msg = " ".join(str(e).split()) or type(e).__name__
         src = _weights_source(args)
         if src in msg:

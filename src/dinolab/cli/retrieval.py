@@ -7,7 +7,13 @@ import json
 import logging
 from pathlib import Path
 
-from dinolab.cli.common import add_model_args, add_overwrite_arg, add_progress_arg, check_out_dir, load_backbone
+from dinolab.cli.common import (
+    add_model_args,
+    add_overwrite_arg,
+    add_progress_arg,
+    check_out_dir,
+    load_backbone,
+)
 from dinolab.errors import DinolabError
 
 log = logging.getLogger("dinolab")

@@ -18,11 +18,9 @@ Folder written by ``ExactIndex.save``::
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from collections.abc import Mapping
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
@@ -32,7 +30,7 @@ import torch.nn.functional as F
 
 from dinolab.errors import DinolabError
 from dinolab.eval.neighbours import topk_cosine
-from dinolab.io import atomic_write, atomic_write_json, atomic_write_text
+from dinolab.io import atomic_write, atomic_write_json, atomic_write_text, read_json_object
 
 __all__ = [
     "ExactIndex",
@@ -224,13 +222,7 @@ def read_index_meta(folder: str | os.PathLike) -> dict[str, Any]:
     meta_path = Path(folder) / "meta.json"
     if not meta_path.is_file():
         raise DinolabError(f"{folder} is not a complete index folder (no meta.json); build it with dinolab index build")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DinolabError(f"cannot read {meta_path}: {e}") from None
-    if not isinstance(meta, dict):
-        raise DinolabError(f"{meta_path} holds a JSON {type(meta).__name__}, not an index's meta object")
-    return meta
+    return read_json_object(meta_path, "an index's meta object")
 
 
 def _load_features(path: Path, mmap: bool) -> np.ndarray:

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from dinolab.errors import ChecksumError, DinolabError, WeightsNotFoundError
-from dinolab.io import atomic_write, atomic_write_text
+from dinolab.io import atomic_write, atomic_write_text, read_json_object
 from dinolab.models.convert import StateDict, to_official
 from dinolab.models.safe_load import (  # noqa: F401  (re-exported: the one safe reader)
     UnsafeFileError,
@@ -236,17 +236,6 @@ def infer_variant(sd: StateDict, num_heads: int | None = None) -> Variant:
         interpolate_offset=0.0 if regs else 0.1, interpolate_antialias=bool(regs), layerscale=layerscale)
 
 
-def _read_json_object(path: Path) -> dict[str, Any]:
-    """A JSON file holding an object; ``DinolabError`` naming the file otherwise."""
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DinolabError(f"cannot read {path} as JSON: {e}") from None
-    if not isinstance(obj, dict):
-        raise DinolabError(f"{path} holds a JSON {type(obj).__name__}, not an object")
-    return obj
-
-
 # sidecar field -> accepted types (bool is an int in Python: refused where a number is meant)
 _SIDECAR_TYPES: dict[str, tuple[type, ...]] = {
     "name": (str,), "embed_dim": (int,), "depth": (int,), "num_heads": (int,), "patch_size": (int,),
@@ -263,7 +252,7 @@ def _sidecar_variant(path: Path) -> Variant | None:
     meta = path.with_name(path.name + ".json")
     if not path.is_file() or not meta.exists():
         return None
-    d = _read_json_object(meta)
+    d = read_json_object(meta)
     unknown = sorted(set(d) - set(_SIDECAR_TYPES))
     missing = sorted({"name", "embed_dim", "depth", "num_heads"} - set(d))
     wrong = [f"{k}={d[k]!r}" for k, types in _SIDECAR_TYPES.items() if k in d and (
@@ -386,7 +375,7 @@ def _hf_variant(path: Path, sd: StateDict) -> Variant | None:
     cfg_file = path / "config.json" if path.is_dir() else None
     if cfg_file is None or not cfg_file.exists():
         return None
-    heads = _read_json_object(cfg_file).get("num_attention_heads")
+    heads = read_json_object(cfg_file).get("num_attention_heads")
     if heads is not None and (not isinstance(heads, int) or isinstance(heads, bool) or heads < 1):
         raise DinolabError(f"{cfg_file}: num_attention_heads must be a positive integer, got {heads!r}")
     return infer_variant(sd, num_heads=heads)

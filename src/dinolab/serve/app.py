@@ -38,8 +38,8 @@ from typing import Annotated, Any
 from fastapi import FastAPI, Query, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 from PIL import Image
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from torch import nn
 
 from dinolab.errors import DinolabError
