@@ -423,7 +423,7 @@ def read_embed_folder(out_dir: str | os.PathLike, mmap: bool = False) -> tuple[l
             arrays = load_file(str(files[0]))
         else:
             arrays = {k: np.load(f, mmap_mode="r" if mmap else None) for k, f in zip(meta["pooling"], files)}
-    except Exception as e:  # noqa: BLE001  (truncated / corrupt arrays: SafetensorError, ValueError, OSError ...)
+    except Exception as e:
         raise DinolabError(f"cannot read the features in {', '.join(map(str, files))}: {' '.join(str(e).split())}; "
                            "re-run dinolab embed with --overwrite") from e
     if any(len(a) != len(ids) for a in arrays.values()):

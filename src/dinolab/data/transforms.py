@@ -104,8 +104,6 @@ def describe_transform(transform: Callable) -> dict[str, Any]:
     dict per step: ``op`` and its settings) plus, when present, ``resize`` (short side), ``crop``,
     ``interpolation``, ``mean`` and ``std`` at the top level. Steps of other types keep their repr
     (without memory addresses)."""
-    import re
-
     steps = list(transform.transforms) if isinstance(transform, v2.Compose) else [transform]
     out: dict[str, Any] = {"steps": []}
     for t in steps:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,7 +41,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dinolab.errors import DinolabError, WeightsNotFoundError
+from dinolab.errors import DinolabError
+from dinolab.eval.depth_official import (  # noqa: F401  (re-exported: the official names live there)
+    OFFICIAL_MAX_DEPTH,
+    OfficialHeadName,
+    parse_official_name,
+    resolve_official_head,
+)
 from dinolab.io import atomic_write
 from dinolab.models.safe_load import safe_torch_load
 
@@ -362,59 +367,6 @@ class DPTDepthHead(nn.Module):
 
 
 # ------------------------------------------------------------------ official checkpoints
-
-
-OFFICIAL_BASE_URL = "https://dl.fbaipublicfiles.com/dinov2"
-_OFFICIAL_NAME = re.compile(r"^(dinov2_vit[sblg]14)_(nyu|kitti)_(linear4|linear|dpt)(?:_head)?(?:\.pth)?$")
-_OFFICIAL_DEPTHS = {"s": 12, "b": 12, "l": 24, "g": 40}
-OFFICIAL_MAX_DEPTH = {"nyu": 10.0, "kitti": 80.0}
-
-
-@dataclass(frozen=True)
-class OfficialHeadName:
-    """A parsed ``dinov2_vits14_nyu_linear4``-style name."""
-
-    backbone: str
-    dataset: str
-    kind: str
-
-    @property
-    def filename(self) -> str:
-        return f"{self.backbone}_{self.dataset}_{self.kind}_head.pth"
-
-    @property
-    def url(self) -> str:
-        mirror = os.environ.get("DINOLAB_WEIGHTS_MIRROR")
-        return f"{(mirror or OFFICIAL_BASE_URL).rstrip('/')}/{self.backbone}/{self.filename}"
-
-    @property
-    def depth(self) -> int:
-        return _OFFICIAL_DEPTHS[self.backbone[len("dinov2_vit")]]
-
-
-def parse_official_name(name: str | os.PathLike) -> OfficialHeadName | None:
-    """``dinov2_vitb14_kitti_dpt`` (or ``..._head.pth``, or a path ending so) -> its parts; else None."""
-    m = _OFFICIAL_NAME.match(Path(name).name)
-    return OfficialHeadName(*m.groups()) if m else None
-
-
-def resolve_official_head(name: OfficialHeadName, *, sha256: str | None = None, progress: bool = True) -> Path:
-    """The released head file: from the weights cache, torch.hub's cache, or downloaded once."""
-    from dinolab.models.checkpoints import cache_dir, download_weights, verify_file
-
-    dest = cache_dir() / name.filename
-    for path in (dest, Path(torch.hub.get_dir()) / "checkpoints" / name.filename):
-        if path.is_file():
-            verify_file(path, sha256)
-            return path
-    if not os.environ.get("DINOLAB_OFFLINE"):
-        try:
-            return download_weights(name.url, dest, sha256, progress)
-        except OSError as e:
-            reason = getattr(e, "reason", e)
-            raise WeightsNotFoundError(f"{name.filename}: not cached and download failed ({reason}); download "
-                                       f"{name.url} to {dest} (or pass --head /path/to/{name.filename})") from None
-    raise WeightsNotFoundError(f"{name.filename}: not cached (offline); download {name.url} to {dest}")
 
 
 def split_checkpoint(obj: Any, path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:

@@ -20,8 +20,8 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from dinolab.data.images import ImageSource, list_images_with_ids, load_rgb
 from dinolab.data.depth import DepthDataset
+from dinolab.data.images import ImageSource, list_images_with_ids, load_rgb
 from dinolab.eval.depth import check_backbone, predict_depth
 from dinolab.eval.depth_heads import DepthHeadConfig, LoadedHead
 from dinolab.eval.features import _precision
