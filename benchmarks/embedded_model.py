@@ -107,16 +107,15 @@ def stage_package(work: Path) -> None:
     from safetensors.torch import save_file
 
     from dinolab.models import load_model
-    from dinolab.models.checkpoints import save_official
 
-    model = load_model(work / "run" / "teacher_backbone.pth")
+    teacher = work / "run" / "teacher_backbone.pth"
+    model = load_model(teacher)
     ASSETS.mkdir(parents=True, exist_ok=True)
-    tmp = work / "sidecar.pth"
-    save_official(model, tmp)  # writes the architecture sidecar next to it
     sd = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     save_file(sd, str(ASSETS / BACKBONE_FILE), metadata={"format": "pt", "producer": "dinolab"})
     (ASSETS / BACKBONE_FILE).chmod(0o644)
-    shutil.copyfile(tmp.with_name(tmp.name + ".json"), ASSETS / (BACKBONE_FILE + ".json"))
+    # the architecture sidecar the trainer wrote next to the teacher (load_model reads it for both files)
+    shutil.copyfile(teacher.with_name(teacher.name + ".json"), ASSETS / (BACKBONE_FILE + ".json"))
     print(f"{ASSETS / BACKBONE_FILE}: {(ASSETS / BACKBONE_FILE).stat().st_size / 2**20:.2f} MiB")
 
 
@@ -188,24 +187,14 @@ def main() -> None:
     results_file = work / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
     results["machine"] = f"{platform.machine()} CPU, {os.cpu_count()} cores, torch threads {_threads()}"
-    for stage in STAGES:
-        if stage not in stages:
-            continue
-        t0 = time.perf_counter()
-        if stage == "data":
-            stage_data(work)
-        elif stage == "train":
-            stage_train(work, args)
-        elif stage == "package":
-            stage_package(work)
-        elif stage == "eval":
-            stage_eval(work, results)
-        elif stage == "heads":
-            stage_heads(work, args)
-        elif stage == "card":
-            from model_card import write_card  # benchmarks/model_card.py
+    from model_card import write_card  # benchmarks/model_card.py
 
-            write_card(work, results, ASSETS)
+    run_stage = {"data": lambda: stage_data(work), "train": lambda: stage_train(work, args),
+                 "package": lambda: stage_package(work), "eval": lambda: stage_eval(work, results),
+                 "heads": lambda: stage_heads(work, args), "card": lambda: write_card(work, results, ASSETS)}
+    for stage in (s for s in STAGES if s in stages):
+        t0 = time.perf_counter()
+        run_stage[stage]()
         results.setdefault("stage_wall_s", {})[stage] = round(time.perf_counter() - t0, 1)
         results_file.write_text(json.dumps(results, indent=1))
 

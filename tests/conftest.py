@@ -49,12 +49,17 @@ def tiny_vit_checkpoint():
     return _tiny_vit_checkpoint
 
 
+def random_pngs(folder, n: int, side: int, name: str = "{i}.png", seed: int = 0):
+    """Write ``n`` random RGB PNGs of ``side`` x ``side`` px into ``folder`` (named ``name.format(i=...)``)."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(folder / name.format(i=i))
+    return folder
+
+
 @pytest.fixture(scope="module")
 def corrupt_image_folder(tmp_path_factory):
     """13 images of 32 x 32 px (uneven shards for 2 ranks) of which one is corrupt."""
-    d = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    for i in range(12):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / f"img{i:02d}.png")
+    d = random_pngs(tmp_path_factory.mktemp("imgs"), 12, 32, "img{i:02d}.png")
     (d / "img05b.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     return d

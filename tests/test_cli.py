@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from dinolab.cli import build_parser, main
 from dinolab.models import create_model, save_official
+from tests.conftest import random_pngs
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 EMBED = ["--resize", "32", "--crop", "32", "--no-progress", "--device", "cpu", "--num-workers", "0"]
@@ -30,11 +30,7 @@ def _report_lines(err: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def imgs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.png")
-    return d
+    return random_pngs(tmp_path_factory.mktemp("imgs"), 3, 32)
 
 
 def _ckpt(path: Path, seed: int = 0, *, fill: float | None = None, **kw) -> Path:
@@ -95,7 +91,8 @@ def test_python_m_dinolab_prints_no_traceback(tmp_path):
     bad.write_bytes(b"\xff\xff\xff\xff\x00\x00\x00\x00 header longer than the file")
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     r = subprocess.run([sys.executable, "-m", "dinolab", "pca", str(tmp_path / "none.png"), "--model", str(bad),
-                        "--out", str(tmp_path / "p.png")], capture_output=True, text=True, env=env, timeout=300)
+                        "--out", str(tmp_path / "p.png")], check=False, capture_output=True, text=True, env=env,
+                       timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert len(_report_lines(r.stderr)) == 1 and "x.safetensors" in _report_lines(r.stderr)[0]
 

@@ -12,16 +12,14 @@ from dinolab.config import load_config
 from dinolab.errors import DinolabError
 from dinolab.models import load_model
 from dinolab.train import loop
+from tests.conftest import random_pngs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    for i in range(40):
-        Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)).save(root / f"{i:03d}.png")
+    root = random_pngs(tmp_path_factory.mktemp("imgs"), 40, 36, "{i:03d}.png")
     (root / "broken.png").write_bytes(b"not an image")  # counted and skipped, never fatal
     return root
 

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from dinolab.errors import ChecksumError, DinolabError, WeightsNotFoundError
 from dinolab.io import atomic_write, atomic_write_text, read_json_object
+from dinolab.models import embedded
 from dinolab.models.convert import StateDict, to_official
 from dinolab.models.safe_load import (  # noqa: F401  (re-exported: the one safe reader)
     UnsafeFileError,
@@ -337,10 +338,8 @@ def load_model(name_or_path: str | Path, *, weights: str | Path | None = None, a
     shapes fit no architecture.
     """
     name = str(name_or_path)
-    if name in ("dinolab_embedded_vitt8", "dinolab-embedded"):  # the model shipped in the package
-        from dinolab.models.embedded import BACKBONE_FILE, embedded_backbone_path, embedded_info
-
-        name, sha256 = str(embedded_backbone_path()), embedded_info()["files"][BACKBONE_FILE]["sha256"]
+    if name == embedded.EMBEDDED_NAME:  # the model shipped in the package, checked against model.json
+        name, sha256 = str(embedded.embedded_backbone_path()), embedded.backbone_sha256()
     is_name = is_variant_name(name)
     path, sd = None, None
     if is_name:

@@ -67,6 +67,11 @@ def embedded_info() -> dict[str, Any]:
     return json.loads(_asset("model.json").read_text())
 
 
+def backbone_sha256() -> str:
+    """The SHA-256 of the backbone file that ``model.json`` records (checked on every load)."""
+    return embedded_info()["files"][BACKBONE_FILE]["sha256"]
+
+
 def load_embedded(device: str | torch.device | None = None) -> torch.nn.Module:
     """The embedded backbone in fp32, eval mode, its file checked against ``model.json``'s SHA-256."""
     from dinolab.models.checkpoints import load_model
